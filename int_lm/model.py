@@ -1,0 +1,212 @@
+"""The EGG model: a minGRU-style integer recurrent LM with no activation functions.
+
+Parameters are a plain dict of int8 arrays (a JAX pytree); layers are stacked on
+a leading axis. The forward pass runs a batch of independent sequences token by
+token (``lax.scan`` over time), carrying each layer's int8 state and resetting
+it to zero where the input token is the document-boundary token.
+
+The perturbation hook: ``factors`` maps a matrix name to int8 low-rank factors
+``(A, B)`` per sequence, and vector parameters may carry a leading per-sequence
+batch axis. EGGROLL (``int_lm/eggroll.py``) uses this to run a whole population
+in one batch; with ``factors=None`` no extra work is traced at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from int_lm import intmath as im
+
+# Matrices that take a low-rank perturbation; everything else is a vector.
+LAYER_MATRICES = ("Wf", "Uf", "Wh", "Uh", "up", "down")
+LAYER_VECTORS = ("ln1", "ln2", "bf", "bh")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    width: int
+    layers: int
+    boundary_token: int = 0
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ModelShape":
+        return cls(model_cfg.vocab_size, model_cfg.width, model_cfg.layers, model_cfg.boundary_token)
+
+
+def param_shapes(shape: ModelShape) -> dict:
+    """Name -> shape of every parameter (layer parameters stacked on axis 0)."""
+    v, d, n_layers = shape.vocab_size, shape.width, shape.layers
+    return {
+        "embed": (v, d),
+        "head": (v, d),
+        "ln_out": (d,),
+        "layers": {
+            "ln1": (n_layers, d), "ln2": (n_layers, d),
+            "Wf": (n_layers, d, d), "Uf": (n_layers, d, d),
+            "Wh": (n_layers, d, d), "Uh": (n_layers, d, d),
+            "bf": (n_layers, d), "bh": (n_layers, d),
+            "up": (n_layers, 4 * d, d), "down": (n_layers, d, 4 * d),
+        },
+    }
+
+
+def param_count(shape: ModelShape) -> int:
+    return int(sum(np.prod(s) for s in jax.tree_util.tree_leaves(
+        param_shapes(shape), is_leaf=lambda x: isinstance(x, tuple))))
+
+
+def init_params(shape: ModelShape, seed: int) -> dict:
+    """Seeded init per the spec: matrices round(16 N(0,1)) clipped, norms 16, biases 0.
+
+    Drawn on the host with NumPy's PCG64 in a fixed order, so the same seed gives
+    the same int8 weights on every machine and backend.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1E66]))
+    shapes = param_shapes(shape)
+
+    def gaussian(s):
+        return np.clip(np.rint(16.0 * rng.standard_normal(s)), -127, 127).astype(np.int8)
+
+    layers = {}
+    for name in ("ln1", "ln2"):
+        layers[name] = np.full(shapes["layers"][name], im.ONE, np.int8)
+    for name in LAYER_MATRICES:
+        layers[name] = gaussian(shapes["layers"][name])
+    for name in ("bf", "bh"):
+        layers[name] = np.zeros(shapes["layers"][name], np.int8)
+    params = {
+        "embed": gaussian(shapes["embed"]),
+        "layers": layers,
+        "ln_out": np.full(shapes["ln_out"], im.ONE, np.int8),
+        "head": gaussian(shapes["head"]),
+    }
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def init_state(shape: ModelShape, batch: int):
+    """Zero recurrent state: (layers, batch, width) int8."""
+    return jnp.zeros((shape.layers, batch, shape.width), jnp.int8)
+
+
+# ---------------------------------------------------------------------------
+# Perturbed matmul (the EGGROLL hook)
+# ---------------------------------------------------------------------------
+
+def lowrank_term(ub, a, shift: int, n: int):
+    """floor(sum_r ub[:, r] * a[:, :, r] / 2^shift), exact in int32 for any int8 input.
+
+    ub (B, r) int32 = u . B (|ub| <= n 127^2), a (B, out, r) int8. When the full
+    product could pass 2^31, ub is split into high and low parts so that
+    ``(hi * 2^s + lo) * a >> s == hi * a + (lo * a >> s)`` with no overflow.
+    """
+    r = a.shape[-1]
+    a32 = a.astype(jnp.int32)
+    if r * n * 127 * 127 * 127 < 2**31:
+        return jnp.sum(ub[:, None, :] * a32, axis=-1) >> shift
+    hi = ub >> shift
+    lo = ub & ((1 << shift) - 1)
+    return jnp.sum(hi[:, None, :] * a32, axis=-1) + (jnp.sum(lo[:, None, :] * a32, axis=-1) >> shift)
+
+
+def matmul(u, w, factor=None, shift: int = 0):
+    """Scaled matmul of u (B, n) by w (out, n), optionally with per-row low-rank noise.
+
+    With ``factor = (A (B, out, r), Bf (B, n, r))`` this is
+    ``sat8(floor((u.w^T + ((u.Bf) . A^T >> shift)) / (16 isqrt(n))))``,
+    without ever forming A.Bf^T.
+    """
+    if factor is None:
+        return im.scaled_matmul(u, w)
+    a, b = factor
+    n = w.shape[1]
+    ub = jnp.einsum("bn,bnr->br", u, b, preferred_element_type=jnp.int32)
+    return im.scaled_matmul(u, w, lowrank_term(ub, a, shift, n))
+
+
+def embed(table, tokens, factor=None, shift: int = 0):
+    """Row lookup; with noise, row t gains ``(A[t] . Bf^T) >> shift`` before sat8."""
+    rows = table[tokens]
+    if factor is None:
+        return rows
+    a, b = factor  # a (B, V, r), b (B, D, r)
+    a_t = jnp.take_along_axis(a, tokens[:, None, None].astype(jnp.int32), axis=1)[:, 0, :]  # (B, r)
+    pert = jnp.sum(a_t.astype(jnp.int32)[:, None, :] * b.astype(jnp.int32), axis=-1) >> shift
+    return im.sat8(rows.astype(jnp.int32) + pert)
+
+
+# ---------------------------------------------------------------------------
+# Forward pass
+# ---------------------------------------------------------------------------
+
+def _layer_factor(factors, name, layer):
+    if factors is None or name not in factors:
+        return None
+    a, b = factors[name]
+    return a[layer], b[layer]
+
+
+def _vector(value, layer):
+    return value[layer]
+
+
+def gru_cell(x, s, lp, layer, factors, shift):
+    """minGRU variant with identity 'sigmoid' and 'tanh' (saturation only)."""
+    f = im.sat_add(matmul(x, lp["Wf"][layer], _layer_factor(factors, "Wf", layer), shift),
+                   matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
+                   _vector(lp["bf"], layer))
+    g = f.astype(jnp.int32) + im.INT8_MAX  # [0, 254]: g / 256 in [0, 1)
+    sg = im.sat8((g * s.astype(jnp.int32)) >> 8)
+    hc = im.sat_add(matmul(x, lp["Wh"][layer], _layer_factor(factors, "Wh", layer), shift),
+                    matmul(sg, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
+                    _vector(lp["bh"], layer))
+    return im.gate_mix(g, s, hc)
+
+
+def block(x, s, lp, layer, factors, shift):
+    """Pre-norm residual block: GRU then a two-matmul MLP, all saturating."""
+    h = gru_cell(im.layer_norm(x, _vector(lp["ln1"], layer)), s, lp, layer, factors, shift)
+    x = im.sat_add(x, h)
+    up = matmul(im.layer_norm(x, _vector(lp["ln2"], layer)), lp["up"][layer],
+                _layer_factor(factors, "up", layer), shift)
+    x = im.sat_add(x, matmul(up, lp["down"][layer], _layer_factor(factors, "down", layer), shift))
+    return x, h
+
+
+def step(params, states, tokens, boundary_token: int, factors=None, shift: int = 0):
+    """One token for a batch: tokens (B,) -> logits (B, V) int8 and new states (L, B, D)."""
+    reset = (tokens == boundary_token)[None, :, None]
+    states = jnp.where(reset, jnp.zeros_like(states), states)
+    get = (lambda name: factors.get(name)) if factors is not None else (lambda name: None)
+    x = embed(params["embed"], tokens, get("embed"), shift)
+    lp = params["layers"]
+    layer_factors = factors.get("layers") if factors is not None else None
+    new_states = []
+    for layer in range(states.shape[0]):
+        x, h = block(x, states[layer], lp, layer, layer_factors, shift)
+        new_states.append(h)
+    logits = matmul(im.layer_norm(x, params["ln_out"]), params["head"], get("head"), shift)
+    return logits, jnp.stack(new_states)
+
+
+def forward(params, states, inputs, targets, boundary_token: int, factors=None, shift: int = 0,
+            return_logits: bool = False):
+    """Run inputs (B, T) through the model; returns (ll (B, T) int32, final states[, logits]).
+
+    ``ll`` is the integer log-likelihood of each target in 1/16 bits.
+    """
+    def body(carry, xs):
+        tok, tgt = xs
+        logits, carry = step(params, carry, tok, boundary_token, factors, shift)
+        ll = im.log_likelihood(logits, tgt)
+        return carry, ((ll, logits) if return_logits else ll)
+
+    states, out = lax.scan(body, states, (inputs.T, targets.T))
+    if return_logits:
+        ll, logits = out
+        return ll.T, states, jnp.swapaxes(logits, 0, 1)
+    return out.T, states

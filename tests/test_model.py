@@ -1,0 +1,144 @@
+"""EGG forward pass: bit-exact against the NumPy reference, overflow-free, float-free."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from int_lm import model as M
+import reference as ref
+
+
+def random_params(shape, seed, full_range=False):
+    """Spec init, or (full_range) every parameter uniform in [-127, 127]."""
+    params = M.init_params(shape, seed)
+    if not full_range:
+        return params
+    rng = np.random.default_rng(seed + 99)
+    return jax.tree_util.tree_map(
+        lambda p: jnp.asarray(rng.integers(-127, 128, p.shape).astype(np.int8)), params)
+
+
+def random_tokens(rng, batch, length, vocab, boundary, p_boundary=0.05):
+    toks = rng.integers(0, vocab, (batch, length + 1))
+    toks[rng.random(toks.shape) < p_boundary] = boundary
+    return toks.astype(np.int32)
+
+
+def run_both(shape, params, tokens, state=None):
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    batch = tokens.shape[0]
+    st = M.init_state(shape, batch) if state is None else state
+    fwd = jax.jit(lambda p, s, i, t: M.forward(p, s, i, t, shape.boundary_token, return_logits=True))
+    ll, final, logits = fwd(params, st, jnp.asarray(inputs), jnp.asarray(targets))
+    r = ref.Reference(jax.tree_util.tree_map(np.asarray, params), shape.boundary_token)
+    for b in range(batch):
+        init = None if state is None else [np.asarray(state[l, b]) for l in range(shape.layers)]
+        r_ll, r_logits, r_state = r.run(inputs[b], targets[b], init)
+        np.testing.assert_array_equal(np.asarray(logits[b]), r_logits)
+        np.testing.assert_array_equal(np.asarray(ll[b]), r_ll)
+        np.testing.assert_array_equal(np.asarray(final[:, b]), r_state)
+    return ll, final
+
+
+@pytest.mark.parametrize("vocab,width,layers,batch,full", [
+    (256, 256, 6, 2, False),   # the paper's model
+    (256, 256, 2, 2, True),
+    (37, 96, 2, 3, True),      # small, non-square, non power-of-two widths
+    (300, 128, 3, 2, False),   # 4D = 512: division by 16 * isqrt(n)
+])
+def test_forward_matches_reference(vocab, width, layers, batch, full):
+    shape = M.ModelShape(vocab, width, layers, boundary_token=vocab - 1)
+    params = random_params(shape, seed=width + layers, full_range=full)
+    rng = np.random.default_rng(layers)
+    tokens = random_tokens(rng, batch, 64, vocab, shape.boundary_token)
+    run_both(shape, params, tokens)
+
+
+def test_state_carries_across_calls_and_resets_at_boundary():
+    shape = M.ModelShape(256, 64, 2)
+    params = random_params(shape, 3)
+    rng = np.random.default_rng(0)
+    tokens = random_tokens(rng, 2, 40, 256, 0, p_boundary=0.0)
+    tokens[:, 0] = 1
+    fwd = jax.jit(lambda s, i, t: M.forward(params, s, i, t, 0))
+    whole_ll, whole_state = fwd(M.init_state(shape, 2), tokens[:, :-1], tokens[:, 1:])
+    ll1, st = fwd(M.init_state(shape, 2), tokens[:, :20], tokens[:, 1:21])
+    ll2, st2 = fwd(st, tokens[:, 20:40], tokens[:, 21:41])
+    np.testing.assert_array_equal(np.concatenate([ll1, ll2], 1), whole_ll)
+    np.testing.assert_array_equal(st2, whole_state)
+    # A boundary token makes what follows independent of what came before.
+    a = tokens.copy(); b = tokens.copy()
+    b[:, :10] = rng.integers(1, 256, (2, 10))
+    a[:, 10] = b[:, 10] = 0
+    ll_a, _ = fwd(M.init_state(shape, 2), a[:, :-1], a[:, 1:])
+    ll_b, _ = fwd(M.init_state(shape, 2), b[:, :-1], b[:, 1:])
+    np.testing.assert_array_equal(np.asarray(ll_a)[:, 10:], np.asarray(ll_b)[:, 10:])
+    assert not np.array_equal(np.asarray(ll_a)[:, :10], np.asarray(ll_b)[:, :10])
+
+
+@pytest.mark.parametrize("vocab,width", [(256, 1024), (65536, 256), (65536, 1024)])
+def test_worst_case_inputs_do_not_overflow(vocab, width):
+    """Every weight and activation at +127 / -127 (and mixed) equals the int64 reference."""
+    shape = M.ModelShape(vocab, width, 1, boundary_token=vocab - 1)
+    shapes = M.param_shapes(shape)
+    for fill in (127, -127, "mixed"):
+        def make(s):
+            if fill == "mixed":
+                return jnp.asarray(np.where(np.indices(s).sum(0) % 2 == 0, 127, -127).astype(np.int8))
+            return jnp.full(s, fill, jnp.int8)
+        params = jax.tree_util.tree_map(make, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        state = jnp.full((1, 2, width), 127 if fill != -127 else -127, jnp.int8)
+        tokens = np.array([[1, 2, 3], [vocab - 2, 5, 1]], np.int32)
+        run_both(shape, params, tokens, state=state)
+
+
+def test_param_count_of_paper_model():
+    shape = M.ModelShape(256, 256, 6)
+    assert M.param_count(shape) == 4_856_064
+    params = M.init_params(shape, 0)
+    assert sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)) == 4_856_064
+    assert all(p.dtype == jnp.int8 for p in jax.tree_util.tree_leaves(params))
+
+
+def test_init_follows_spec_and_is_deterministic():
+    shape = M.ModelShape(256, 256, 2)
+    p1, p2 = M.init_params(shape, 5), M.init_params(shape, 5)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(p1["embed"], M.init_params(shape, 6)["embed"])
+    assert (np.asarray(p1["layers"]["ln1"]) == 16).all() and (np.asarray(p1["ln_out"]) == 16).all()
+    assert (np.asarray(p1["layers"]["bf"]) == 0).all()
+    w = np.asarray(p1["layers"]["Wf"]).astype(np.float64)
+    assert abs(w.std() - 16) < 0.2 and abs(w.mean()) < 0.2 and np.abs(w).max() <= 127
+    # Same seed, same logits.
+    toks = jnp.ones((2, 8), jnp.int32)
+    f = lambda p: M.forward(p, M.init_state(shape, 2), toks, toks, 0)[0]
+    np.testing.assert_array_equal(f(p1), f(p2))
+
+
+FLOAT_TYPES = re.compile(r"\b(f16|bf16|f32|f64|f8\w*|float\d*|bfloat16)\b")
+
+
+def test_forward_has_no_floating_point_anywhere():
+    shape = M.ModelShape(256, 64, 2)
+    params = M.init_params(shape, 0)
+    toks = jnp.ones((2, 8), jnp.int32)
+    fn = lambda p, s, i, t: M.forward(p, s, i, t, 0)
+    jaxpr = jax.make_jaxpr(fn)(params, M.init_state(shape, 2), toks, toks)
+
+    def all_vars(jx):
+        for eqn in jx.eqns:
+            yield from eqn.invars
+            yield from eqn.outvars
+            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else []:
+                yield from all_vars(sub)
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None:
+                    yield from all_vars(getattr(inner, "jaxpr", inner))
+    dtypes = {str(v.aval.dtype) for v in all_vars(jaxpr.jaxpr) if hasattr(v, "aval")}
+    assert dtypes and not any("float" in d for d in dtypes), dtypes
+    hlo = jax.jit(fn).lower(params, M.init_state(shape, 2), toks, toks).as_text()
+    assert not FLOAT_TYPES.search(hlo), FLOAT_TYPES.search(hlo)
