@@ -59,6 +59,10 @@ class DataConfig:
     test_fraction: float = 0.05
     val_tokens: int = 8192         # validation slice length per evaluation
     trust_remote_code: bool = False
+    split_mode: str = "auto"       # "hash" (by document), "contiguous" (byte fractions in order), "auto"
+    max_docs: int = 0              # use only the first N documents (0 = all; tests, quick runs)
+    data_files: str = ""           # files for a datasets loader source such as "hf:json": "GLOB" or "train=GLOB;validation=GLOB"
+    hub_eval_bytes: int = 16_000_000  # cap on text materialised for validation/test of a streamed corpus
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,12 @@ def validate(cfg: Config) -> Config:
     need(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
          "data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
     need(d.val_tokens >= 1, f"data.val_tokens must be >= 1, got {d.val_tokens}")
+    need(d.split_mode in ("auto", "hash", "contiguous"),
+         f"data.split_mode must be auto, hash or contiguous, got {d.split_mode!r}")
+    need(d.max_docs >= 0, f"data.max_docs must be >= 0 (0 = all documents), got {d.max_docs}")
+    need(d.hub_eval_bytes >= 1, f"data.hub_eval_bytes must be >= 1, got {d.hub_eval_bytes}")
+    need(d.source.strip() != "", "data.source must not be empty; use stdlib, a local path, or a hub name")
+    need(d.tokenizer.strip() != "", "data.tokenizer must not be empty; use bytes or a tiktoken encoding name")
     need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
     need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = never), got {t.eval_every}")
     need(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = only at the end), got {t.checkpoint_every}")
