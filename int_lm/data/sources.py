@@ -314,7 +314,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def offline_message(name: str) -> str:
     return (f"the Hugging Face hub is unreachable (offline?), so {name!r} cannot be streamed; download it "
             f"on a connected machine (e.g. huggingface-cli download --repo-type dataset {name} --local-dir DIR) "
-            f"and set data.source=DIR, or data.source=hf:json with data.data_files='train=DIR/train*.jsonl;...'")
+            f"and set data.source=DIR, or data.source=hf:json with data.data_files='train=DIR/train*.jsonl;...' "
+            f"(if {name!r} was meant as a local path: it does not exist)")
 
 
 def open_stream(name: str, data_cfg: Any) -> dict[str, Any]:

@@ -333,7 +333,10 @@ def load_encoding_ranks(name: str, encoding_file: str = "") -> tuple[dict[bytes,
         if expected and _sha256(data) != expected:
             continue  # stale or corrupt: never use silently
         return _parse_tiktoken_bytes(data, str(path)), pat_str, f"{where} {path}"
-    fname = blob.rsplit("/", 1)[-1] if blob else f"{name}.tiktoken"
+    if not blob:
+        raise DataError(f"the {name} encoding is built from GPT-2 vocab files that are not available offline; "
+                        f"use data.tokenizer=r50k_base (the same ranks) with data.encoding_file=r50k_base.tiktoken")
+    fname = blob.rsplit("/", 1)[-1]
     raise DataError(
         f"the {name} encoding file is not available offline (tiktoken would download {fname}); "
         f"set data.encoding_file to a local {fname}, put it in TIKTOKEN_CACHE_DIR, "
