@@ -69,18 +69,45 @@ def scaled_matmul(u, w, extra=None):
     return sat8(floor_div_const(acc, matmul_divisor(w.shape[1])))
 
 
+RECIP_BITS = 22
+
+
+@lru_cache(maxsize=None)
+def reciprocal_tables() -> tuple[np.ndarray, np.ndarray]:
+    """ceil(2^22 / m) and floor(2^22 / m) for m in 0..127 (entry 0 unused): 1 KiB."""
+    m = np.maximum(np.arange(128, dtype=np.int64), 1)
+    up = -(-(1 << RECIP_BITS) // m)
+    down = (1 << RECIP_BITS) // m
+    return up.astype(np.int32), down.astype(np.int32)
+
+
+def sat_div_small(x, m):
+    """sat8(floor(x / m)) for int32 |x| <= 127^2 and per-row divisors m in [1, 127], without division.
+
+    x is first clipped to [-128 m, 128 m] (the quotient saturates there anyway),
+    then multiplied by ceil(2^22/m) (x >= 0) or floor(2^22/m) (x < 0) and
+    shifted: the error stays below 1/m, so the floor is exact (checked for every
+    x and m in tests/test_intmath.py), and |product| <= 2^29 + 2^14 fits int32.
+    Integer division has no SIMD form on CPUs; this runs ~20x faster.
+    """
+    up, down = (jnp.asarray(t) for t in reciprocal_tables())
+    x = jnp.clip(x, -128 * m, 128 * m)
+    recip = jnp.where(x >= 0, up[m], down[m])
+    return sat8((x * recip) >> RECIP_BITS)
+
+
 def layer_norm(u, weight):
     """Square-root-free layer norm: ``sat8((u * w) // max(1, mean|u|))``.
 
-    mean|u| is ``(sum |u|) >> log2(D)`` (a floor division when D is not 2^k);
-    |u * w| <= 127^2, sum |u| <= 127 * D: no overflow for any D <= 2^24.
-    ``weight`` is (D,) or per-sequence (batch, D).
+    mean|u| is ``(sum |u|) >> log2(D)`` (a floor division when D is not 2^k), so
+    it lies in [1, 127]; |u * w| <= 127^2, sum |u| <= 127 * D: no overflow for any
+    D <= 2^24. ``weight`` is (D,) or per-sequence (batch, D).
     """
     d = u.shape[-1]
     u32 = u.astype(jnp.int32)
     mean_abs = floor_div_const(jnp.sum(jnp.abs(u32), axis=-1, keepdims=True), d)
     mean_abs = jnp.maximum(mean_abs, 1)
-    return sat8(jnp.floor_divide(u32 * weight.astype(jnp.int32), mean_abs))
+    return sat_div_small(u32 * weight.astype(jnp.int32), mean_abs)
 
 
 def gate_mix(g, s, hc):

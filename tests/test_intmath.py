@@ -155,3 +155,11 @@ def test_integer_loss_close_to_float64(vocab):
 def test_bits_per_token_f64_uniform():
     logits = np.zeros((1, 256), np.int8)
     assert abs(im.bits_per_token_f64(logits, np.array([3]))[0] - 8.0) < 1e-12
+
+
+def test_reciprocal_division_is_exact_for_every_input():
+    m = np.arange(1, 128, dtype=np.int32)[:, None]
+    x = np.arange(-127 * 127, 127 * 127 + 1, dtype=np.int32)[None, :]
+    got = np.asarray(jax.jit(im.sat_div_small)(jnp.asarray(x), jnp.asarray(m)))
+    want = np.clip(np.floor_divide(x.astype(np.int64), m), -127, 127)
+    np.testing.assert_array_equal(got, want)
