@@ -97,45 +97,49 @@ def init_state(shape: ModelShape, batch: int):
 # Perturbed matmul (the EGGROLL hook)
 # ---------------------------------------------------------------------------
 
-def lowrank_term(ub, a, shift: int, n: int):
-    """floor(sum_r ub[:, r] * a[:, :, r] / 2^shift), exact in int32 for any int8 input.
+def lowrank_term(u, a, b, shift: int):
+    """floor(sum_r (u . b_r) a_r / 2^shift) per row, exact in int32 for any int8 input.
 
-    ub (B, r) int32 = u . B (|ub| <= n 127^2), a (B, out, r) int8. When the full
-    product could pass 2^31, ub is split into high and low parts so that
-    ``(hi * 2^s + lo) * a >> s == hi * a + (lo * a >> s)`` with no overflow.
+    u (B, n) int8; a (B, r, out), b (B, r, n) int8 (rank-major, so each rank is a
+    plain 2-D elementwise op that XLA fuses). |u . b_r| <= n 127^2; when the
+    product with a_r could pass 2^31 it is split into high and low parts,
+    ``(hi 2^s + lo) a >> s == hi a + (lo a >> s)``, so nothing overflows.
     """
-    r = a.shape[-1]
-    a32 = a.astype(jnp.int32)
+    r, n = b.shape[1], b.shape[2]
+    u32 = u.astype(jnp.int32)
+    ub = [jnp.sum(u32 * b[:, k, :].astype(jnp.int32), axis=-1, keepdims=True) for k in range(r)]
+    a32 = [a[:, k, :].astype(jnp.int32) for k in range(r)]
     if r * n * 127 * 127 * 127 < 2**31:
-        return jnp.sum(ub[:, None, :] * a32, axis=-1) >> shift
-    hi = ub >> shift
-    lo = ub & ((1 << shift) - 1)
-    return jnp.sum(hi[:, None, :] * a32, axis=-1) + (jnp.sum(lo[:, None, :] * a32, axis=-1) >> shift)
+        return sum(x * y for x, y in zip(ub, a32)) >> shift
+    mask = (1 << shift) - 1
+    high = sum((x >> shift) * y for x, y in zip(ub, a32))
+    low = sum((x & mask) * y for x, y in zip(ub, a32))
+    return high + (low >> shift)
 
 
 def matmul(u, w, factor=None, shift: int = 0):
     """Scaled matmul of u (B, n) by w (out, n), optionally with per-row low-rank noise.
 
-    With ``factor = (A (B, out, r), Bf (B, n, r))`` this is
-    ``sat8(floor((u.w^T + ((u.Bf) . A^T >> shift)) / (16 isqrt(n))))``,
-    without ever forming A.Bf^T.
+    With ``factor = (A (B, r, out), Bf (B, r, n))`` this is
+    ``sat8(floor((u.w^T + ((u.Bf^T) . A >> shift)) / (16 isqrt(n))))``,
+    without ever forming A^T.Bf.
     """
     if factor is None:
         return im.scaled_matmul(u, w)
     a, b = factor
-    n = w.shape[1]
-    ub = jnp.einsum("bn,bnr->br", u, b, preferred_element_type=jnp.int32)
-    return im.scaled_matmul(u, w, lowrank_term(ub, a, shift, n))
+    u = lax.optimization_barrier(u)
+    return im.scaled_matmul(u, w, lowrank_term(u, a, b, shift))
 
 
 def embed(table, tokens, factor=None, shift: int = 0):
-    """Row lookup; with noise, row t gains ``(A[t] . Bf^T) >> shift`` before sat8."""
+    """Row lookup; with noise, row t gains ``(sum_r A[r, t] Bf[r]) >> shift`` before sat8."""
     rows = table[tokens]
     if factor is None:
         return rows
-    a, b = factor  # a (B, V, r), b (B, D, r)
-    a_t = jnp.take_along_axis(a, tokens[:, None, None].astype(jnp.int32), axis=1)[:, 0, :]  # (B, r)
-    pert = jnp.sum(a_t.astype(jnp.int32)[:, None, :] * b.astype(jnp.int32), axis=-1) >> shift
+    a, b = factor  # a (B, r, V), b (B, r, D)
+    idx = jnp.broadcast_to(tokens[:, None, None].astype(jnp.int32), (a.shape[0], a.shape[1], 1))
+    a_t = jnp.take_along_axis(a, idx, axis=2).astype(jnp.int32)  # (B, r, 1)
+    pert = jnp.sum(a_t * b.astype(jnp.int32), axis=1) >> shift
     return im.sat8(rows.astype(jnp.int32) + pert)
 
 
@@ -178,26 +182,44 @@ def block(x, s, lp, layer, factors, shift):
 
 
 def step(params, states, tokens, boundary_token: int, factors=None, shift: int = 0):
-    """One token for a batch: tokens (B,) -> logits (B, V) int8 and new states (L, B, D)."""
-    reset = (tokens == boundary_token)[None, :, None]
-    states = jnp.where(reset, jnp.zeros_like(states), states)
+    """One token for a batch: tokens (B,) -> logits (B, V) int8 and new states.
+
+    ``states`` is a tuple with one (B, D) int8 array per layer (a stacked
+    (L, B, D) carry makes XLA's CPU loop over tokens over 2x slower).
+    """
+    reset = (tokens == boundary_token)[:, None]
+    states = tuple(jnp.where(reset, jnp.zeros_like(s), s) for s in states)
     get = (lambda name: factors.get(name)) if factors is not None else (lambda name: None)
     x = embed(params["embed"], tokens, get("embed"), shift)
     lp = params["layers"]
     layer_factors = factors.get("layers") if factors is not None else None
     new_states = []
-    for layer in range(states.shape[0]):
-        x, h = block(x, states[layer], lp, layer, layer_factors, shift)
+    for layer, s in enumerate(states):
+        x, h = block(x, s, lp, layer, layer_factors, shift)
         new_states.append(h)
     logits = matmul(im.layer_norm(x, params["ln_out"]), params["head"], get("head"), shift)
-    return logits, jnp.stack(new_states)
+    return logits, tuple(new_states)
+
+
+def unstack_layers(tree, n_layers: int):
+    """Split every stacked (L, ...) layer array into a tuple of L arrays, once, outside the time loop.
+
+    Slicing stacked per-sequence arrays inside XLA's CPU while loop costs far
+    more than a one-off split (the same holds for the recurrent state).
+    """
+    if tree is None or "layers" not in tree:
+        return tree
+    def split(x):
+        return tuple(x[layer] for layer in range(n_layers))
+    return {**tree, "layers": jax.tree_util.tree_map(split, tree["layers"])}
 
 
 def forward(params, states, inputs, targets, boundary_token: int, factors=None, shift: int = 0,
             return_logits: bool = False):
-    """Run inputs (B, T) through the model; returns (ll (B, T) int32, final states[, logits]).
+    """Run inputs (B, T) through the model from states (L, B, D).
 
-    ``ll`` is the integer log-likelihood of each target in 1/16 bits.
+    Returns (ll (B, T) int32, final states (L, B, D)[, logits (B, T, V)]); ``ll``
+    is the integer log-likelihood of each target in 1/16 bits.
     """
     def body(carry, xs):
         tok, tgt = xs
@@ -205,7 +227,11 @@ def forward(params, states, inputs, targets, boundary_token: int, factors=None, 
         ll = im.log_likelihood(logits, tgt)
         return carry, ((ll, logits) if return_logits else ll)
 
-    states, out = lax.scan(body, states, (inputs.T, targets.T))
+    n_layers = states.shape[0]
+    params, factors = unstack_layers(params, n_layers), unstack_layers(factors, n_layers)
+    carry = tuple(states[layer] for layer in range(n_layers))
+    carry, out = lax.scan(body, carry, (inputs.T, targets.T))
+    states = jnp.stack(carry)
     if return_logits:
         ll, logits = out
         return ll.T, states, jnp.swapaxes(logits, 0, 1)

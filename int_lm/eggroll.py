@@ -1,0 +1,315 @@
+"""EGGROLL: low-rank integer evolution strategies for EGG, as pure functions.
+
+One step: for each chunk of the population, draw each pair's noise (int8
+factors A, B per matrix; two int8 vectors per vector parameter), run the
+chunk's members (pair k: +A for member 2k, -A for 2k+1) through the model
+with ``model.forward``'s perturbation hook, score each member by its summed
+integer log-likelihood, shape the pair into ``F_k = sign(s_2k - s_2k+1)``
+and add the chunk's vote ``Z += sum_k F_k A_k B_k^T`` (one int8 GEMM with
+int32 accumulation). After the last chunk every weight whose |Z| passes the
+z-test threshold moves by sign(Z), clipped to [-127, 127].
+
+Everything on the device is integer; the thresholds are computed on the host
+once per step from alpha (``thresholds``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from int_lm import intmath as im
+from int_lm import model as M
+from int_lm import noise as nz
+from int_lm.errors import UserError
+
+# Exact vote accumulation across chunks: Z = hi * 2^CARRY_BITS + lo, lo in [0, 2^CARRY_BITS).
+CARRY_BITS = 20
+HI_CLAMP = 1 << 10  # |hi| beyond this means |Z| >= 2^30, far above any threshold
+
+
+@dataclass(frozen=True)
+class EggrollSpec:
+    """Static description of one EGGROLL configuration (hashable: a jit static arg)."""
+    shape: M.ModelShape
+    population: int
+    rank: int = 1
+    sigma_shift: int = 4
+    group_size: int = 2
+    chunk_size: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "EggrollSpec":
+        return cls(M.ModelShape.from_config(cfg.model), cfg.es.population, cfg.es.rank,
+                   cfg.es.sigma_shift, cfg.es.group_size, cfg.es.chunk_size)
+
+    @property
+    def chunk(self) -> int:
+        return self.chunk_size or self.population
+
+    @property
+    def rank_shift(self) -> int:
+        """Scale rank-r noise by 2^-ceil(log2(r)/2) ~ 1/sqrt(r) (exact when r is a power of 4)."""
+        return (math.ceil(math.log2(self.rank) / 2)) if self.rank > 1 else 0
+
+    @property
+    def matrix_shift(self) -> int:
+        return im.FRAC_BITS + self.sigma_shift + self.rank_shift
+
+    @property
+    def vector_shift(self) -> int:
+        return im.FRAC_BITS + self.sigma_shift
+
+
+def check_limits(spec: EggrollSpec) -> None:
+    """Refuse settings whose worst case could overflow int32 (message names the key)."""
+    d = spec.shape.width
+    for n in (d, 4 * d):
+        worst = n * 127 * 127 + ((spec.rank * n * 127 ** 3) >> spec.matrix_shift)
+        if worst >= 2 ** 31:
+            raise UserError(f"es.rank={spec.rank} with es.sigma_shift={spec.sigma_shift} can overflow "
+                            f"int32 at width {d}; raise es.sigma_shift or lower es.rank")
+    if (spec.chunk // 2) * spec.rank * 127 * 127 >= 2 ** 31 - 2 ** CARRY_BITS:
+        raise UserError(f"es.chunk_size={spec.chunk} x es.rank={spec.rank} is too large for an exact "
+                        f"int32 vote; set es.chunk_size to at most {(2**31 // (127*127*spec.rank)) & ~1}")
+
+
+# ---------------------------------------------------------------------------
+# Parameter layout: which leaves are matrices (low-rank noise) and which vectors
+# ---------------------------------------------------------------------------
+
+def _leaves(shape: M.ModelShape):
+    """(path, shape, is_matrix) for every parameter in a fixed order; path index = parameter id."""
+    out = []
+    shapes = M.param_shapes(shape)
+    for name in ("embed", "head", "ln_out"):
+        out.append(((name,), shapes[name], is_matrix((name,))))
+    for name in sorted(shapes["layers"]):
+        out.append((("layers", name), shapes["layers"][name], is_matrix(("layers", name))))
+    return out
+
+
+def is_matrix(path) -> bool:
+    """Matrices take low-rank noise; vectors (norm weights, biases) full-rank noise."""
+    return path[0] in ("embed", "head") or path[-1] in M.LAYER_MATRICES
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    if len(path) == 1:
+        tree[path[0]] = value
+    else:
+        tree.setdefault(path[0], {})
+        _set(tree[path[0]], path[1:], value)
+
+
+def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
+    """Noise for ``pairs`` (P,) int32 global pair ids: {path: (A, B)} int8.
+
+    Matrices (out, n) [stacked (L, out, n)]: A (P, [L,] r, out), B (P, [L,] r, n).
+    Vectors (D,) [stacked (L, D)]: a, b both (P, [L,] D).
+    """
+    noise = {}
+    r = spec.rank
+    for pid, (path, shape, matrix) in enumerate(_leaves(spec.shape)):
+        if matrix:
+            lead, (out, n) = shape[:-2], shape[-2:]
+            a_shape, b_shape = lead + (r, out), lead + (r, n)
+        else:
+            a_shape = b_shape = shape
+        size_a = int(np.prod(a_shape))
+        flat = nz.pair_noise(seed, epoch, pairs, pid, (size_a + int(np.prod(b_shape)),))
+        p = flat.shape[0]
+        noise[path] = (flat[:, :size_a].reshape((p,) + a_shape), flat[:, size_a:].reshape((p,) + b_shape))
+    return noise
+
+
+def _members(x, negate: bool):
+    """(P, ...) pair values -> (2P, ...) members: [x0, +-x0, x1, +-x1, ...]."""
+    second = -x if negate else x
+    return jnp.stack([x, second], axis=1).reshape((2 * x.shape[0],) + x.shape[1:])
+
+
+def member_model_inputs(spec: EggrollSpec, params, noise):
+    """Per-member (perturbed vectors, low-rank factors) for ``model.forward``.
+
+    Member 2k gets +noise k, member 2k+1 gets -noise k (the sign sits on A, and
+    on the product a*b for vectors, before any shift).
+    """
+    member_params = {"embed": params["embed"], "head": params["head"], "layers": dict(params["layers"])}
+    factors = {"layers": {}}
+    for path, (a, b) in noise.items():
+        base = _get(params, path)
+        stacked = path[0] == "layers"
+        if is_matrix(path):  # low-rank factors
+            am, bm = _members(a, negate=True), _members(b, negate=False)
+            if stacked:  # model wants (L, B, ...)
+                am, bm = jnp.moveaxis(am, 0, 1), jnp.moveaxis(bm, 0, 1)
+            _set(factors, path, (am, bm))
+        else:  # vector: full-rank product of two noise values
+            prod = a.astype(jnp.int32) * b.astype(jnp.int32)
+            delta = jnp.stack([prod >> spec.vector_shift, (-prod) >> spec.vector_shift], axis=1)
+            delta = delta.reshape((2 * a.shape[0],) + a.shape[1:])
+            if stacked:
+                delta = jnp.moveaxis(delta, 0, 1)  # (L, B, D)
+                value = im.sat8(base[:, None, :].astype(jnp.int32) + delta)
+            else:
+                value = im.sat8(base[None, :].astype(jnp.int32) + delta)
+            _set(member_params, path, value)
+    return member_params, factors
+
+
+def shape_fitness(scores):
+    """Antithetic sign shaping: scores (2P,) -> F (P,) in {-1, 0, 1} (int32)."""
+    return jnp.sign(scores[0::2] - scores[1::2]).astype(jnp.int32)
+
+
+def vote(noise, fitness) -> dict:
+    """Z = sum_k F_k A_k B_k^T per matrix (int8 GEMM, int32 sums); sum_k F_k a_k b_k per vector."""
+    f8 = fitness.astype(jnp.int8)
+    z = {}
+    for path, (a, b) in noise.items():
+        if not is_matrix(path):
+            z[path] = jnp.einsum("p,p...->...", fitness, a.astype(jnp.int32) * b.astype(jnp.int32))
+            continue
+        fa = a * f8.reshape((-1,) + (1,) * (a.ndim - 1))  # |F A| <= 127: still int8
+        if a.ndim == 3:   # (P, r, out) x (P, r, n) -> (out, n)
+            dims = (((0, 1), (0, 1)), ((), ()))
+        else:             # (P, L, r, out) x (P, L, r, n) -> (L, out, n)
+            dims = (((0, 2), (0, 2)), ((1,), (1,)))
+        z[path] = lax.dot_general(fa, b, dims, preferred_element_type=jnp.int32)
+    return z
+
+
+def zero_votes(spec: EggrollSpec) -> dict:
+    return {path: (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32))
+            for path, shape, _ in _leaves(spec.shape)}
+
+
+def accumulate(acc: dict, z: dict) -> dict:
+    """Exact running sum (hi * 2^20 + lo) of chunk votes: cannot overflow for N up to 2^20 and beyond."""
+    out = {}
+    for path, (hi, lo) in acc.items():
+        t = lo + z[path]
+        out[path] = (hi + (t >> CARRY_BITS), t & ((1 << CARRY_BITS) - 1))
+    return out
+
+
+def vote_value(hi, lo):
+    """Z as int32, exact when |Z| < 2^30 and saturated (same sign, >= 2^30) beyond."""
+    return jnp.clip(hi, -HI_CLAMP, HI_CLAMP) * (1 << CARRY_BITS) + lo
+
+
+def alpha_at(step: int, alpha0: float, horizon: int) -> float:
+    """alpha_t = 1 / ((2^alpha0 - 1) t / T + 1) when alpha0 > 1, else the constant alpha0."""
+    if alpha0 <= 1:
+        return alpha0
+    return 1.0 / ((2.0 ** alpha0 - 1.0) * step / horizon + 1.0)
+
+
+def thresholds(alpha: float, population: int, rank: int) -> tuple[int, int]:
+    """Integer z-test thresholds (matrices, vectors) that move about an alpha share of weights.
+
+    Under random signs a matrix vote sums N/2 * r products of two noise values
+    (std 16 each), so std(Z) ~ 256 sqrt(N r / 2); a vector vote has r = 1.
+    """
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0) if alpha < 1 else 0.0
+    base = 256.0 * math.sqrt(population / 2.0)
+    return int(math.ceil(z * base * math.sqrt(rank))), int(math.ceil(z * base))
+
+
+def apply_update(params, votes, thr_matrix, thr_vector):
+    """Move each weight by sign(Z) where |Z| >= threshold; returns (params, stats)."""
+    new = {"layers": {}}
+    moved = {"matrix": jnp.int32(0), "vector": jnp.int32(0)}
+    totals = {"matrix": 0, "vector": 0}
+    saturated = jnp.int32(0)
+    for path, (hi, lo) in votes.items():
+        w = _get(params, path)
+        kind = "matrix" if is_matrix(path) else "vector"
+        z = vote_value(hi, lo)
+        thr = thr_matrix if kind == "matrix" else thr_vector
+        step = jnp.where(jnp.abs(z) >= thr, jnp.sign(z), 0)
+        w_new = im.sat8(w.astype(jnp.int32) + step)
+        moved[kind] = moved[kind] + jnp.sum((w_new != w).astype(jnp.int32))
+        totals[kind] += int(np.prod(w.shape))
+        saturated = saturated + jnp.sum((jnp.abs(w_new.astype(jnp.int32)) == im.INT8_MAX).astype(jnp.int32))
+        _set(new, path, w_new)
+    stats = {
+        "moved_matrix": moved["matrix"],
+        "moved_vector": moved["vector"],
+        "saturated": saturated,
+        "count_matrix": totals["matrix"],
+        "count_vector": totals["vector"],
+    }
+    return new, stats
+
+
+# ---------------------------------------------------------------------------
+# One population step
+# ---------------------------------------------------------------------------
+
+def evaluate_members(spec: EggrollSpec, params, noise, states, tokens):
+    """Run the members of ``noise``'s pairs on tokens (B, T+1); returns (scores (B,), states)."""
+    member_params, factors = member_model_inputs(spec, params, noise)
+    ll, states = M.forward(member_params, states, tokens[:, :-1], tokens[:, 1:],
+                           spec.shape.boundary_token, factors, spec.matrix_shift)
+    return jnp.sum(ll, axis=1), states
+
+
+def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pair_offset=0):
+    """All chunks of a (local) population: returns (votes (hi, lo), scores, states).
+
+    ``states`` (L, B, D) and ``tokens`` (B / group_size, T+1) hold this device's
+    B members; ``pair_offset`` is the global id of its first pair.
+    """
+    members = states.shape[1]
+    chunk = min(spec.chunk, members)
+    n_chunks = members // chunk
+    g = spec.group_size
+
+    def run_chunk(c, states, acc):
+        first = c * chunk
+        pairs = pair_offset + first // 2 + jnp.arange(chunk // 2, dtype=jnp.int32)
+        noise = make_noise(spec, seed, epoch, pairs)
+        rows = (first + jnp.arange(chunk)) // g
+        st = lax.dynamic_slice_in_dim(states, first, chunk, axis=1)
+        scores, st = evaluate_members(spec, params, noise, st, tokens[rows])
+        acc = accumulate(acc, vote(noise, shape_fitness(scores)))
+        return lax.dynamic_update_slice_in_dim(states, st, first, axis=1), acc, scores
+
+    if n_chunks == 1:
+        states, acc, scores = run_chunk(0, states, zero_votes(spec))
+        return acc, scores, states
+
+    def body(c, carry):
+        states, acc, all_scores = carry
+        states, acc, scores = run_chunk(c, states, acc)
+        return states, acc, lax.dynamic_update_slice_in_dim(all_scores, scores, c * chunk, axis=0)
+
+    init = (states, zero_votes(spec), jnp.zeros((members,), jnp.int32))
+    states, acc, scores = lax.fori_loop(0, n_chunks, body, init)
+    return acc, scores, states
+
+
+def train_step(spec: EggrollSpec, params, states, tokens, seed, epoch, thr_matrix, thr_vector):
+    """One EGGROLL step on one device. Returns (params, states, scores, stats)."""
+    acc, scores, states = population_votes(spec, params, states, tokens, seed, epoch)
+    params, stats = apply_update(params, acc, thr_matrix, thr_vector)
+    return params, states, scores, stats
+
+
+def jit_train_step(spec: EggrollSpec):
+    """The jitted step; params and states buffers are donated (updated in place)."""
+    return jax.jit(lambda p, s, t, seed, epoch, tm, tv: train_step(spec, p, s, t, seed, epoch, tm, tv),
+                   donate_argnums=(0, 1))
