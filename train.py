@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Pretrain an EGG integer language model with EGGROLL.
+
+    python train.py                                  # CPU default config, stdlib corpus
+    python train.py --config configs/tiny.toml --train.steps 20
+    python train.py --data.source /path/to/corpus.txt --es.population 1024
+
+Any config key can be overridden as ``--section.key value``; ``--debug`` shows
+tracebacks for user errors.
+"""
+import argparse
+import sys
+
+from int_lm.cli import run_main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.toml",
+                        help="TOML config file (a path or a name in configs/)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    def body(args, cfg):
+        from int_lm.trainer import train
+        train(cfg)
+
+    return run_main(parser, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
