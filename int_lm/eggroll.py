@@ -206,7 +206,7 @@ def accumulate(acc: dict, z: dict) -> dict:
 
 
 def vote_value(hi, lo):
-    """Z as int32, exact when |Z| < 2^30 and saturated (same sign, >= 2^30) beyond."""
+    """Z as int32: exact when |Z| < 2^30 - 2^20, else saturated (same sign, |Z| >= 2^30 - 2^20)."""
     return jnp.clip(hi, -HI_CLAMP, HI_CLAMP) * (1 << CARRY_BITS) + lo
 
 

@@ -1,0 +1,216 @@
+"""EGGROLL: low-rank perturbations vs dense NumPy, votes, noise, thresholds, exact sums."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from int_lm import eggroll as E
+from int_lm import model as M
+from int_lm import noise as nz
+import reference as ref
+
+
+def dense(a, b):
+    """Dense perturbation sum_r A[r]^T B[r]: (r, out), (r, n) -> (out, n) int64."""
+    return np.asarray(a, np.int64).T @ np.asarray(b, np.int64)
+
+
+@pytest.mark.parametrize("rank,sigma_shift", [(1, 4), (2, 4), (4, 0)])
+def test_perturbed_forward_equals_dense_reference(rank, sigma_shift):
+    shape = M.ModelShape(64, 32, 2, boundary_token=0)
+    spec = E.EggrollSpec(shape, population=6, rank=rank, sigma_shift=sigma_shift)
+    params = M.init_params(shape, 1)
+    noise = E.make_noise(spec, 7, 3, jnp.arange(3, dtype=jnp.int32))
+    mparams, factors = E.member_model_inputs(spec, params, noise)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (6, 17)).astype(np.int32)
+    tokens[:, 9] = 0
+    ll, states = jax.jit(lambda mp, f: M.forward(mp, M.init_state(shape, 6), tokens[:, :-1], tokens[:, 1:], 0,
+                                                 f, spec.matrix_shift))(mparams, factors)
+    np_params = jax.tree_util.tree_map(np.asarray, params)
+    for member in range(6):
+        pair, sign = member // 2, (1 if member % 2 == 0 else -1)
+        pert = {"layers": None}
+        layer_dense = {}
+        for path, (a, b) in noise.items():
+            a, b = np.asarray(a)[pair], np.asarray(b)[pair]
+            if not E.is_matrix(path):
+                continue
+            if path[0] == "layers":
+                layer_dense[path[1]] = [sign * dense(a[l], b[l]) for l in range(shape.layers)]
+            else:
+                pert[path[0]] = sign * dense(a, b)
+        pert.update(layer_dense)
+        del pert["layers"]
+        pert["vectors"] = {k: np.asarray(mparams["layers"][k])[:, member] for k in M.LAYER_VECTORS}
+        pert["ln_out"] = np.asarray(mparams["ln_out"])[member]
+        r = ref.Reference(np_params, 0, pert=pert, shift=spec.matrix_shift)
+        r_ll, _, r_state = r.run(tokens[member, :-1], tokens[member, 1:])
+        np.testing.assert_array_equal(np.asarray(ll[member]), r_ll)
+        np.testing.assert_array_equal(np.asarray(states[:, member]), r_state)
+
+
+def test_vector_perturbation_follows_spec():
+    shape = M.ModelShape(16, 8, 1)
+    spec = E.EggrollSpec(shape, population=4)
+    params = M.init_params(shape, 0)
+    noise = E.make_noise(spec, 0, 0, jnp.arange(2, dtype=jnp.int32))
+    mparams, factors = E.member_model_inputs(spec, params, noise)
+    a, b = (np.asarray(x, np.int64) for x in noise[("ln_out",)])
+    for member in range(4):
+        sign = 1 if member % 2 == 0 else -1
+        want = np.clip(16 + ((sign * a[member // 2] * b[member // 2]) >> spec.vector_shift), -127, 127)
+        np.testing.assert_array_equal(np.asarray(mparams["ln_out"])[member], want)
+    # Antithetic: the odd member carries -A and the same B.
+    am, bm = factors["head"]
+    np.testing.assert_array_equal(np.asarray(am)[1], -np.asarray(am)[0])
+    np.testing.assert_array_equal(np.asarray(bm)[1], np.asarray(bm)[0])
+
+
+@pytest.mark.parametrize("n", [256, 1024, 4096])
+def test_lowrank_matmul_worst_case_exact(n):
+    """u, A, B at +-127 with n up to 4096: the split path must equal int64 dense math."""
+    out, batch, rank, shift = 8, 3, 2, 5
+    for sign in (1, -1):
+        u = np.full((batch, n), 127, np.int8)
+        w = np.full((out, n), 127 * sign, np.int8)
+        a = np.full((batch, rank, out), 127 * sign, np.int8)
+        b = np.full((batch, rank, n), 127, np.int8)
+        got = np.asarray(M.matmul(jnp.asarray(u), jnp.asarray(w), (jnp.asarray(a), jnp.asarray(b)), shift))
+        for i in range(batch):
+            want = ref.matmul(u[i], w, dense(a[i], b[i]), shift)
+            np.testing.assert_array_equal(got[i], want)
+    rng = np.random.default_rng(n)
+    u = rng.integers(-127, 128, (batch, n)).astype(np.int8)
+    w = rng.integers(-127, 128, (out, n)).astype(np.int8)
+    a = rng.integers(-127, 128, (batch, rank, out)).astype(np.int8)
+    b = rng.integers(-127, 128, (batch, rank, n)).astype(np.int8)
+    got = np.asarray(M.matmul(jnp.asarray(u), jnp.asarray(w), (jnp.asarray(a), jnp.asarray(b)), 4))
+    for i in range(batch):
+        np.testing.assert_array_equal(got[i], ref.matmul(u[i], w, dense(a[i], b[i]), 4))
+
+
+def test_vote_equals_dense_sum_over_members():
+    shape = M.ModelShape(32, 16, 2)
+    spec = E.EggrollSpec(shape, population=20, rank=2)
+    noise = E.make_noise(spec, 3, 1, jnp.arange(10, dtype=jnp.int32))
+    fitness = jnp.asarray(np.random.default_rng(0).integers(-1, 2, 10), jnp.int32)
+    z = E.vote(noise, fitness)
+    f = np.asarray(fitness)
+    for path, (a, b) in noise.items():
+        a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+        if E.is_matrix(path):
+            if path[0] == "layers":
+                want = np.stack([sum(f[k] * dense(a[k, l], b[k, l]) for k in range(10)) for l in range(2)])
+            else:
+                want = sum(f[k] * dense(a[k], b[k]) for k in range(10))
+        else:
+            want = np.einsum("k,k...->...", f, a * b)
+        np.testing.assert_array_equal(np.asarray(z[path]), want)
+
+
+def test_noise_is_deterministic_and_counter_based():
+    x1 = np.asarray(nz.pair_noise(1, 2, jnp.arange(4, dtype=jnp.int32), 5, (1000,)))
+    x2 = np.asarray(nz.pair_noise(1, 2, jnp.arange(4, dtype=jnp.int32), 5, (1000,)))
+    np.testing.assert_array_equal(x1, x2)
+    # Pair 2 alone gives the same values as pair 2 inside a batch (no hidden state).
+    x3 = np.asarray(nz.pair_noise(1, 2, jnp.array([2], jnp.int32), 5, (1000,)))
+    np.testing.assert_array_equal(x3[0], x1[2])
+    for other in [(2, 2, 5), (1, 3, 5), (1, 2, 6)]:
+        y = np.asarray(nz.pair_noise(other[0], other[1], jnp.arange(4, dtype=jnp.int32), other[2], (1000,)))
+        assert (y != x1).mean() > 0.9
+    assert nz.magnitude_thresholds().nbytes <= 1024
+
+
+def test_noise_distribution():
+    x = np.asarray(nz.pair_noise(0, 0, jnp.arange(64, dtype=jnp.int32), 0, (32768,))).astype(np.float64).ravel()
+    assert x.dtype == np.float64 and len(x) == 2 ** 21
+    assert abs(x.mean()) < 0.05
+    assert abs(x.std() - 16.0) < 0.05
+    assert np.abs(x).max() <= 127
+    # Symmetric, and each small value has the probability of round(16 N(0,1)).
+    values, counts = np.unique(x, return_counts=True)
+    freq = dict(zip(values.astype(int), counts / len(x)))
+    for v in range(0, 40, 3):
+        p = 0.5 * (math.erf((v + 0.5) / 16 / math.sqrt(2)) - math.erf((v - 0.5) / 16 / math.sqrt(2)))
+        assert abs(freq.get(v, 0) - p) < 6 * math.sqrt(p / len(x)) + 1e-6, v
+        assert abs(freq.get(v, 0) - freq.get(-v, 0)) < 6 * math.sqrt(p / len(x)) + 1e-6
+    # The clipped tail: P(|V| = 127) = P(|16 Z| >= 126.5), ~3e-15: nothing lands there at this size.
+    assert freq.get(127, 0) == 0
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.1, 0.01])
+def test_threshold_moves_about_alpha_under_random_fitness(alpha):
+    shape = M.ModelShape(64, 64, 1)
+    population = 512
+    spec = E.EggrollSpec(shape, population=population)
+    noise = E.make_noise(spec, 0, 0, jnp.arange(population // 2, dtype=jnp.int32))
+    fitness = jnp.asarray(np.random.default_rng(1).choice([-1, 1], population // 2), jnp.int32)
+    acc = E.accumulate(E.zero_votes(spec), E.vote(noise, fitness))
+    thr_m, thr_v = E.thresholds(alpha, population, 1)
+    params = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p), M.init_params(shape, 0))
+    _, stats = E.apply_update(params, acc, thr_m, thr_v)
+    frac = int(stats["moved_matrix"]) / stats["count_matrix"]
+    assert abs(frac - alpha) < 0.25 * alpha + 0.002, (frac, alpha)
+    # The moved-fraction statistic is exactly the count of changed weights.
+    new, stats = E.apply_update(params, acc, thr_m, thr_v)
+    changed = sum(int((np.asarray(a) != np.asarray(b)).sum()) for a, b in
+                  zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(params)))
+    assert changed == int(stats["moved_matrix"]) + int(stats["moved_vector"])
+
+
+def test_update_clips_and_ignores_zero_votes():
+    w = {"embed": jnp.array([[127, -127, 5]], jnp.int8)}
+    votes = {("embed",): (jnp.zeros((1, 3), jnp.int32), jnp.array([[5000, -5000, 0]], jnp.int32))}
+    new, stats = E.apply_update(w, votes, 100, 100)
+    assert np.asarray(new["embed"]).tolist() == [[127, -127, 5]]
+
+
+def test_alpha_schedule():
+    assert E.alpha_at(0, 4.0, 1000) == 1.0
+    assert abs(E.alpha_at(1000, 4.0, 1000) - 1 / 16) < 1e-12
+    assert E.alpha_at(500, 0.3, 1000) == 0.3
+    assert E.thresholds(1.0, 1024, 1) == (0, 0)
+    thr_m, thr_v = E.thresholds(0.05, 1024, 1)
+    assert thr_m == thr_v == math.ceil(1.959963984540054 * 256 * math.sqrt(512))
+
+
+def test_vote_accumulation_is_exact_up_to_population_2_20():
+    """Worst case: 2^19 pairs all voting +127*127 (and mixed signs) in chunks of 2^14 pairs."""
+    pairs, chunk_pairs = 2 ** 19, 2 ** 14
+    per_chunk = jnp.array([chunk_pairs * 127 * 127, -chunk_pairs * 127 * 127, 1, -3], jnp.int32)
+    acc = {("x",): (jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32))}
+    add = jax.jit(E.accumulate)
+    exact = np.zeros(4, np.int64)
+    for c in range(pairs // chunk_pairs):
+        z = per_chunk if c % 3 else per_chunk * jnp.array([1, 1, -1, 1], jnp.int32)
+        acc = add(acc, {("x",): z})
+        exact += np.asarray(z, np.int64)
+    hi, lo = (np.asarray(v, np.int64) for v in acc[("x",)])
+    np.testing.assert_array_equal(hi * 2 ** E.CARRY_BITS + lo, exact)
+    value = np.asarray(E.vote_value(*acc[("x",)]))
+    assert np.sign(value).tolist() == np.sign(exact).tolist()
+    assert (np.abs(value[:2]) >= 2 ** 30 - 2 ** E.CARRY_BITS).all() and value[2:].tolist() == exact[2:].tolist()
+
+
+def test_chunked_population_equals_one_chunk():
+    shape = M.ModelShape(64, 32, 1)
+    params = M.init_params(shape, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 9)).astype(np.int32))
+    out = []
+    for chunk in (0, 4):
+        spec = E.EggrollSpec(shape, population=16, chunk_size=chunk)
+        acc, scores, states = jax.jit(lambda p, s, t: E.population_votes(spec, p, s, t, 3, 1))(
+            params, M.init_state(shape, 16), tokens)
+        out.append((acc, scores, states))
+    for a, b in zip(jax.tree_util.tree_leaves(out[0]), jax.tree_util.tree_leaves(out[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_limits_refuse_overflowing_settings():
+    with pytest.raises(Exception, match="es.rank"):
+        E.check_limits(E.EggrollSpec(M.ModelShape(256, 1024, 1), population=2, rank=64, sigma_shift=0))
+    with pytest.raises(Exception, match="es.chunk_size"):
+        E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2 ** 20, chunk_size=2 ** 19))
