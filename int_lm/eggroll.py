@@ -74,6 +74,10 @@ def check_limits(spec: EggrollSpec) -> None:
         if worst >= 2 ** 31:
             raise UserError(f"es.rank={spec.rank} with es.sigma_shift={spec.sigma_shift} can overflow "
                             f"int32 at width {d}; raise es.sigma_shift or lower es.rank")
+    # The split path sums r low parts (< 2^shift each) times |a| <= 127 before shifting.
+    if spec.rank * 127 * ((1 << spec.matrix_shift) - 1) >= 2 ** 31:
+        raise UserError(f"es.rank={spec.rank} with es.sigma_shift={spec.sigma_shift} can overflow int32; "
+                        f"lower es.sigma_shift or es.rank")
     if (spec.chunk // 2) * spec.rank * 127 * 127 >= 2 ** 31 - 2 ** CARRY_BITS:
         raise UserError(f"es.chunk_size={spec.chunk} x es.rank={spec.rank} is too large for an exact "
                         f"int32 vote; set es.chunk_size to at most {(2**31 // (127*127*spec.rank)) & ~1}")

@@ -179,10 +179,10 @@ def log2_fixed(s):
 def exp_sum_shift(vocab_size: int) -> int:
     """Right shift k applied to the EXP2 sum so it fits int32 for large vocabularies.
 
-    EXP2 < 2^20 (max 1,004,310 ~ 2^19.94), so V <= 2048 sums exactly (k = 0, the
+    EXP2 < 2^20 (max 1,004,119 ~ 2^19.94), so V <= 2048 sums exactly (k = 0, the
     spec's formula). Above that we keep S' = floor(S / 2^k) with
     k = ceil(log2 V) - 11 and use LOG2(S) ~= LOG2(S') + 16k (exact whenever S'
-    is not within one unit of a 1/16-bit boundary; S' >= 16 V / 2^k >= 2^15).
+    is not within one unit of a 1/16-bit boundary; S' >= 16 V / 2^k > 2^14).
     """
     return max(0, (vocab_size - 1).bit_length() - 11)
 

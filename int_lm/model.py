@@ -106,8 +106,10 @@ def lowrank_term(u, a, b, shift: int):
     ``(hi 2^s + lo) a >> s == hi a + (lo a >> s)``, so nothing overflows.
     """
     r, n = b.shape[1], b.shape[2]
-    u32 = u.astype(jnp.int32)
-    ub = [jnp.sum(u32 * b[:, k, :].astype(jnp.int32), axis=-1, keepdims=True) for k in range(r)]
+    # Per-row dots u . b_k as one batched int8 dot (B, 1, n) x (B, r, n) -> (B, r): as a dot,
+    # XLA materialises u once instead of re-deriving it inside an elementwise reduce.
+    ubr = lax.dot_general(u[:, None, :], b, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
+    ub = [ubr[:, 0, k:k + 1] for k in range(r)]
     a32 = [a[:, k, :].astype(jnp.int32) for k in range(r)]
     if r * n * 127 * 127 * 127 < 2**31:
         return sum(x * y for x, y in zip(ub, a32)) >> shift
@@ -127,7 +129,6 @@ def matmul(u, w, factor=None, shift: int = 0):
     if factor is None:
         return im.scaled_matmul(u, w)
     a, b = factor
-    u = lax.optimization_barrier(u)
     return im.scaled_matmul(u, w, lowrank_term(u, a, b, shift))
 
 

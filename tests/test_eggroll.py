@@ -214,3 +214,10 @@ def test_limits_refuse_overflowing_settings():
         E.check_limits(E.EggrollSpec(M.ModelShape(256, 1024, 1), population=2, rank=64, sigma_shift=0))
     with pytest.raises(Exception, match="es.chunk_size"):
         E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2 ** 20, chunk_size=2 ** 19))
+
+
+def test_limits_refuse_large_rank_at_large_sigma_shift():
+    # r * 127 * (2^shift - 1) >= 2^31 would overflow the split path's low sum.
+    with pytest.raises(Exception, match="es.rank"):
+        E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2, rank=64, sigma_shift=12))
+    E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2, rank=16, sigma_shift=12))
