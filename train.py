@@ -4,6 +4,7 @@
     python train.py                                  # CPU default config, stdlib corpus
     python train.py --config configs/tiny.toml --train.steps 20
     python train.py --data.source /path/to/corpus.txt --es.population 1024
+    python train.py --train.run_dir runs/x           # resumes runs/x from its latest checkpoint
 
 Any config key can be overridden as ``--section.key value``; ``--debug`` shows
 tracebacks for user errors.
@@ -21,8 +22,9 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def body(args, cfg):
+        from int_lm.checkpoint import explicit_values
         from int_lm.trainer import train
-        train(cfg)
+        train(cfg, overrides=explicit_values(args.config if args.config_given else None, args.overrides))
 
     return run_main(parser, body, argv)
 

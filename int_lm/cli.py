@@ -18,6 +18,9 @@ def run_main(parser, body, argv=None) -> int:
     try:
         values, rest = C.parse_overrides(argv)
         args = parser.parse_args(rest)
+        # What the user set explicitly (a resumed run keeps its saved config for everything else).
+        args.overrides = values
+        args.config_given = any(a == "--config" or a.startswith("--config=") for a in rest)
         cfg = C.load_file(args.config) if getattr(args, "config", None) else C.Config()
         cfg = C.validate(C.apply_values(cfg, values, "the command line"))
         body(args, cfg)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from int_lm import __version__
+from int_lm import checkpoint as CK
 from int_lm import config as C
 from int_lm import data as D
 from int_lm import eggroll as E
@@ -116,8 +117,17 @@ def summary_lines(title: str, items: dict[str, Any]) -> str:
     return "\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in items.items()])
 
 
-def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print) -> dict[str, Any]:
-    """Train per ``cfg``; returns a summary dict (final metrics, paths, timings)."""
+def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
+          overrides: dict | None = None) -> dict[str, Any]:
+    """Train per ``cfg``; returns a summary dict (final metrics, paths, timings).
+
+    If ``cfg.train.run_dir`` has checkpoints the run resumes (``checkpoint.plan_resume``):
+    the saved config wins; ``overrides`` are the keys the user set explicitly
+    (None: every key of ``cfg``).
+    """
+    plan = CK.plan_resume(cfg, overrides)
+    if plan is not None:
+        cfg = plan.config
     progress = cfg.train.progress if progress is None else progress
     tokenizer = D.make_tokenizer(cfg.data)
     cfg = resolve_model_config(cfg, tokenizer)
@@ -148,6 +158,13 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     state = TrainState(params=M.init_params(shape, tc.seed), states=M.init_state(shape, es.population),
                        step=0, cursor={}, seed=tc.seed)
     stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed)
+    if plan is not None:
+        r = CK.resume(plan, run_dir, tokenizer, corpus, log=log)
+        state = TrainState(jax.tree_util.tree_map(jnp.asarray, r.params), jnp.asarray(r.states),
+                           r.step, r.cursor, r.seed)
+        stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=r.cursor)
+        CK.mark_tensorboard_restart(tracker, r.step)
+    ckpt = CK.Checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log)
     token_bytes = tokenizer.token_bytes()
 
     val_split = corpus.split("validation")
@@ -177,11 +194,11 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = ckpt.history_until(state.step) if plan is not None else []
     val_bpb = float("nan")
     t_start = time.perf_counter()
     compile_s = None
-    with stop_on_interrupt() as interrupt:
+    with ckpt, stop_on_interrupt() as interrupt:
         while state.step < tc.steps and not interrupt["stop"]:
             step = state.step
             tokens_np = stream.next()
@@ -227,10 +244,13 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
                     tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(leaf))
             tracker.scalars(state.step, metrics)
             history.append({"step": state.step, "time_s": time.perf_counter() - t_start, **metrics})
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                ckpt.save(state, meta, history)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
                                 val=f"{val_bpb:.3f}", tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
+        ckpt.save_final(state, meta, history)  # at the end and after Ctrl-C
     if bar is not None:
         bar.close()
     tracker.flush()
