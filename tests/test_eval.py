@@ -184,3 +184,23 @@ def test_cli_refusals_are_one_line_errors(trained, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
     p = run_eval(run, "--es.population", "8")
     assert p.returncode == 2 and "only --data.KEY overrides" in p.stderr
+
+
+@pytest.mark.slow
+def test_eval_is_faster_than_training_per_text_token(tmp_path):
+    """The CPU default model: eval tokens/s >= training's text tokens/s (population / group size)."""
+    from int_lm.trainer import train
+
+    cfg = C.load_file(ROOT / "configs" / "default.toml")
+    cfg = C.validate(C.apply_values(cfg, {
+        "data": {"max_docs": 150, "cache_dir": str(tmp_path / "cache")},
+        "train": {"run_dir": str(tmp_path / "run"), "steps": 6, "eval_every": 6, "checkpoint_every": 6,
+                  "progress": False}}, "test"))
+    summary = train(cfg, log=lambda *a, **k: None)
+    train_text_tps = summary["population_tokens_per_s"] / cfg.es.group_size
+    from int_lm.checkpoint import load_model
+
+    loaded = load_model(cfg.train.run_dir)
+    rep = EV.evaluate(loaded, loaded.config.data, split="test")
+    assert rep["tokens"] > 50_000
+    assert rep["steady_tokens_per_s"] >= train_text_tps, (rep["steady_tokens_per_s"], train_text_tps)
