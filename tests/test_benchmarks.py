@@ -1,0 +1,19 @@
+"""Smoke test of the throughput harness at a tiny size (timings are never asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_throughput_harness_runs_and_reports_json():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model.layers", "1", "--model.width", "16",
+         "--model.vocab_size", "32", "--es.population", "8", "--es.tokens_per_update", "4", "--repeats", "1",
+         "--naive", "--json"], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("infer_tokens_per_s", "train_tokens_per_s", "train_over_infer", "peak_rss_mb",
+                "naive_tokens_per_s", "eggroll_over_naive", "split_s", "compile_s"):
+        assert key in result, key
+    assert result["train_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
