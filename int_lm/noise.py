@@ -54,8 +54,10 @@ def bits_to_int8(bits):
     """Map uniform uint32 bits to int8 noise distributed as clip(round(16 N(0,1)))."""
     table = jnp.asarray(magnitude_thresholds())
     u31 = (bits & jnp.uint32(0x7FFFFFFF)).astype(jnp.int32)
-    mag = jnp.zeros(bits.shape, jnp.int32)
-    for step in (64, 32, 16, 8, 4, 2, 1):
+    # First step against a scalar (a gather at a constant index would be
+    # constant-folded over the whole array at compile time), then a binary search.
+    mag = jnp.where(table[64] <= u31, 64, 0)
+    for step in (32, 16, 8, 4, 2, 1):
         cand = mag + step
         mag = jnp.where(table[cand] <= u31, cand, mag)
     negative = (bits >> 31).astype(jnp.int32)
