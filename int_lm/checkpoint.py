@@ -87,9 +87,20 @@ def _why_locked(key: str) -> str:
     return "it changes the noise or the update, so the run would not continue the same training"
 
 
+def _short(err: BaseException) -> str:
+    """One short line for an orbax/tensorstore error (they can be kilobytes long)."""
+    text = str(err).strip()
+    if "No space left on device" in text or getattr(err, "errno", None) == 28:
+        return "no space left on device"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+
+
 def _quiet_orbax() -> None:
+    """Orbax logs failures with full tracebacks from its threads; we report each one as a UserError."""
     for name in ("absl", "orbax", "orbax.checkpoint"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    _silence_late_read_callbacks()
 
 
 def _ocp():
@@ -222,8 +233,9 @@ _SILENCED = False
 
 
 def _silence_late_read_callbacks() -> None:
-    """After a failed read, tensorstore's other in-flight reads may complete into orbax's closed
-    asyncio loop and print 'Event loop is closed' tracebacks; the error was already reported."""
+    """After a failed read or write, tensorstore's other in-flight operations may complete into
+    orbax's closed asyncio loop and print 'Event loop is closed' tracebacks; the error itself is
+    reported as a CheckpointError."""
     global _SILENCED
     if _SILENCED:
         return
@@ -283,9 +295,7 @@ def restore(run_dir: str | Path, step: int | None = None) -> Restored:
     except CheckpointError:
         raise
     except Exception as err:  # orbax/tensorstore report truncation in many ways
-        _silence_late_read_callbacks()
-        msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        raise CheckpointError(f"{where} cannot be read ({type(err).__name__}: {msg}); it is corrupted or "
+        raise CheckpointError(f"{where} cannot be read ({_short(err)}); it is corrupted or "
                               f"truncated; {hint}") from None
     flat = {k: (np.asarray(v) if not isinstance(v, np.ndarray) else v) for k, v in flat.items()}
     _check_arrays(flat, shapes, meta["sha256"], where, hint)
@@ -354,8 +364,8 @@ class Checkpointer:
             self._mngr.check_for_errors()
         except Exception as err:
             raise CheckpointError(f"saving the checkpoint at step {step} to {self.root} failed "
-                                  f"({type(err).__name__}: {err}); earlier checkpoints are kept; "
-                                  f"free disk space or choose another --train.run_dir, then resume") from None
+                                  f"({_short(err)}); earlier checkpoints are kept; free disk space "
+                                  f"(or fix the directory), then run the same command to resume") from None
         if step not in list_steps(self.run_dir):
             raise CheckpointError(f"saving the checkpoint at step {step} to {self.root} did not commit; "
                                   f"earlier checkpoints are kept")
@@ -377,7 +387,13 @@ class Checkpointer:
         if step in list_steps(self.run_dir):
             return
         if history is not None:
-            self.append_history(history)
+            try:
+                self.append_history(history)
+            except OSError as err:
+                raise CheckpointError(f"saving the checkpoint at step {step}: cannot write "
+                                      f"{self.run_dir / HISTORY} ({_short(err)}); earlier checkpoints are "
+                                      f"kept; free disk space (or fix the directory), then run the same "
+                                      f"command to resume") from None
         flat = {"params." + k: _host_int8(v, k) for k, v in _flat(dict(state.params)).items()}
         flat["states"] = _host_int8(state.states, "states")
         meta = {
@@ -396,7 +412,8 @@ class Checkpointer:
                 state=ocp.args.PyTreeSave(_unflat(flat)), meta=ocp.args.JsonSave(meta)))
         except Exception as err:
             raise CheckpointError(f"saving the checkpoint at step {step} to {self.root} failed "
-                                  f"({type(err).__name__}: {err}); earlier checkpoints are kept") from None
+                                  f"({_short(err)}); earlier checkpoints are kept; free disk space "
+                                  f"(or fix the directory), then run the same command to resume") from None
         self._pending = step
 
     def save_final(self, state, metadata: dict, history: list[dict] | None = None) -> None:
@@ -411,8 +428,11 @@ class Checkpointer:
             self._wait()
         finally:
             if self._mngr is not None:
-                self._mngr.close()
-                self._mngr = None
+                mngr, self._mngr = self._mngr, None
+                try:
+                    mngr.close()
+                except Exception as err:  # a failed save was already reported
+                    self.log(f"warning: closing the checkpoint manager: {_short(err)}")
 
     def __enter__(self):
         return self
@@ -446,7 +466,11 @@ class Checkpointer:
                     break          # a line cut by a kill: everything before it is good
                 if entry.get("step", 0) <= step:
                     out.append(entry)
-        _atomic_write(path, "".join(json.dumps(h) + "\n" for h in out))
+        try:
+            _atomic_write(path, "".join(json.dumps(h) + "\n" for h in out))
+        except OSError as err:
+            raise CheckpointError(f"cannot rewrite {path} ({_short(err)}); free disk space or fix the "
+                                  f"directory, then resume again") from None
         self._history_written = len(out)
         if len(out) != step:
             self.log(f"note: {HISTORY} holds {len(out)} of the first {step} steps")

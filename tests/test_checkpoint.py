@@ -281,6 +281,40 @@ def test_corrupt_latest_refused_then_explicit_fallback(env, straight, tmp_path):
     assert_same_history(straight, run_dir)
 
 
+@pytest.fixture
+def small_checkpoint_disk(tmp_path):
+    """RUN_DIR/checkpoints on a 400 KB tmpfs, so only checkpoint saves hit ENOSPC (needs root and mount)."""
+    run_dir = tmp_path / "run"
+    mnt = run_dir / CK.CHECKPOINTS
+    mnt.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield run_dir
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_during_save_keeps_checkpoints_then_resumes(env, straight, small_checkpoint_disk):
+    run_dir = small_checkpoint_disk
+    p = run(train_cmd(run_dir, *base_args(env), "--train.steps", 60, "--train.keep_checkpoints", 100), env,
+            expect=2)
+    assert p.stderr.startswith("error: saving the checkpoint at step") and "no space left on device" in p.stderr, \
+        p.stderr
+    assert "earlier checkpoints are kept" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    kept = CK.list_steps(run_dir)
+    assert kept and kept == list(range(EVERY, kept[-1] + 1, EVERY)) and kept[-1] < STEPS
+    for s in kept:                                   # every committed checkpoint still restores
+        CK.restore(run_dir, s)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(run_dir / CK.CHECKPOINTS)], check=True)  # free space
+    p = run(train_cmd(run_dir, "--train.steps", STEPS), env)
+    assert f"from checkpoint step {kept[-1]}" in p.stdout
+    assert not list((run_dir / CK.CHECKPOINTS).glob("*tmp*"))     # the half-written save was cleaned up
+    assert_same_state(final_state(straight), final_state(run_dir))
+    assert_same_history(straight, run_dir)
+
+
 def test_restore_asserts_int8(straight, tmp_path):
     """A checkpoint holding a non-int8 array is refused, never cast."""
     import orbax.checkpoint as ocp
