@@ -332,6 +332,16 @@ def test_restore_asserts_int8(straight, tmp_path):
         CK.restore(run_dir)
 
 
+def test_checkpoint_records_no_device_placement(straight):
+    """Host NumPy arrays in, host NumPy arrays out: a GPU-saved checkpoint restores on a CPU and back."""
+    tree = json.loads((straight / CK.CHECKPOINTS / str(STEPS) / "state" / "_METADATA").read_text())
+    values = [v["value_metadata"] for v in tree["tree_metadata"].values()]
+    assert values and all(v["value_type"] == "np.ndarray" for v in values)
+    assert "sharding" not in json.dumps(tree).lower()
+    r = CK.restore(straight)
+    assert all(type(a) is np.ndarray for a in CK._flat({"p": r.params, "s": r.states}).values())
+
+
 class _FakeState:
     def __init__(self, step):
         self.step, self.cursor, self.seed = step, {"step": step}, 0
