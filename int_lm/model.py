@@ -159,6 +159,22 @@ def _vector(value, layer):
     return value[layer]
 
 
+def materialize(x):
+    """Make XLA store an int8 activation once instead of re-deriving it in every consumer.
+
+    XLA's CPU fusion duplicates cheap elementwise producers into each consumer;
+    along the residual stream that re-computes much of a layer inside every
+    matmul's operand fusion (the perturbed forward ran 2x the CPU time of
+    inference). ``optimization_barrier`` is dropped by the CPU pipeline, but
+    a conditional's result is always materialised: this one always takes the
+    identity branch (int8 values are never -128). Only on CPU: elsewhere it is
+    the identity, since a GPU conditional would sync with the host.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    return lax.cond(x.reshape(-1)[0] != -128, lambda v: v, lambda v: -v, x)
+
+
 def gru_cell(x, s, lp, layer, factors, shift):
     """minGRU variant with identity 'sigmoid' and 'tanh' (saturation only)."""
     f = im.sat_add(matmul(x, lp["Wf"][layer], _layer_factor(factors, "Wf", layer), shift),
@@ -174,11 +190,11 @@ def gru_cell(x, s, lp, layer, factors, shift):
 
 def block(x, s, lp, layer, factors, shift):
     """Pre-norm residual block: GRU then a two-matmul MLP, all saturating."""
-    h = gru_cell(im.layer_norm(x, _vector(lp["ln1"], layer)), s, lp, layer, factors, shift)
-    x = im.sat_add(x, h)
-    up = matmul(im.layer_norm(x, _vector(lp["ln2"], layer)), lp["up"][layer],
+    h = gru_cell(materialize(im.layer_norm(x, _vector(lp["ln1"], layer))), s, lp, layer, factors, shift)
+    x = materialize(im.sat_add(x, h))
+    up = matmul(materialize(im.layer_norm(x, _vector(lp["ln2"], layer))), lp["up"][layer],
                 _layer_factor(factors, "up", layer), shift)
-    x = im.sat_add(x, matmul(up, lp["down"][layer], _layer_factor(factors, "down", layer), shift))
+    x = materialize(im.sat_add(x, matmul(up, lp["down"][layer], _layer_factor(factors, "down", layer), shift)))
     return x, h
 
 
@@ -191,14 +207,14 @@ def step(params, states, tokens, boundary_token: int, factors=None, shift: int =
     reset = (tokens == boundary_token)[:, None]
     states = tuple(jnp.where(reset, jnp.zeros_like(s), s) for s in states)
     get = (lambda name: factors.get(name)) if factors is not None else (lambda name: None)
-    x = embed(params["embed"], tokens, get("embed"), shift)
+    x = materialize(embed(params["embed"], tokens, get("embed"), shift))
     lp = params["layers"]
     layer_factors = factors.get("layers") if factors is not None else None
     new_states = []
     for layer, s in enumerate(states):
         x, h = block(x, s, lp, layer, layer_factors, shift)
         new_states.append(h)
-    logits = matmul(im.layer_norm(x, params["ln_out"]), params["head"], get("head"), shift)
+    logits = matmul(materialize(im.layer_norm(x, params["ln_out"])), params["head"], get("head"), shift)
     return logits, tuple(new_states)
 
 
