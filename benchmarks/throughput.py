@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
         "step_s": train_s,
         "split_s": {"noise": noise_s, "forward": max(votes_s - noise_s - vote_s, 0.0), "vote": vote_s,
                     "update": update_s},
-        "compile_s": {"infer": infer_first - infer_s, "train_step": (votes_first - votes_s) + (update_first - update_s)},
+        "compile_s": {"infer": max(infer_first - infer_s, 0.0),
+                      "train_step": max((votes_first - votes_s) + (update_first - update_s), 0.0)},
         "peak_rss_mb": peak_rss_mb(),
         "device_peak_mb": device_peak_mb(),
     }
