@@ -27,6 +27,7 @@ from int_lm import __version__
 from int_lm import checkpoint as CK
 from int_lm import config as C
 from int_lm import data as D
+from int_lm import distributed as DIST
 from int_lm import eggroll as E
 from int_lm import intmath
 from int_lm import model as M
@@ -131,10 +132,14 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     the saved config wins; ``overrides`` are the keys the user set explicitly
     (None: every key of ``cfg``).
     """
+    DIST.initialize(cfg.dist)      # joins a multi-process run if dist.* / JAX_* / SLURM say so
+    main = DIST.is_main()          # process 0 logs and writes the run's files
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731
     plan = CK.plan_resume(cfg, overrides)
     if plan is not None:
-        cfg = plan.config
-    progress = cfg.train.progress if progress is None else progress
+        cfg = dataclasses.replace(plan.config, dist=cfg.dist)  # this launch's processes, not the saved ones
+    progress = (cfg.train.progress if progress is None else progress) and main
     tokenizer = D.make_tokenizer(cfg.data)
     cfg = resolve_model_config(cfg, tokenizer)
     corpus = D.load_corpus(cfg.data, tokenizer, progress=progress)
@@ -146,13 +151,15 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     run_dir = Path(tc.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(C.to_toml(cfg))
+        if main:
+            (run_dir / "config.toml").write_text(C.to_toml(cfg))
     except OSError as err:
         raise UserError(f"cannot write the run directory {run_dir} ({err.strerror}); "
                         f"choose a writable --train.run_dir") from None
     meta = run_metadata(cfg, tokenizer, corpus, shape)
-    (run_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
-    tracker = tracker if tracker is not None else TensorBoardTracker(run_dir / "tb")
+    if main:
+        (run_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
+    tracker = tracker if tracker is not None else TensorBoardTracker(run_dir / "tb") if main else NullTracker()
 
     ref = D.baselines(corpus, tokenizer)
     val_ref = {"unigram": ref["unigram"]["validation"], "bigram": ref["bigram"]["validation"]}
@@ -161,16 +168,19 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
 
     # --- state -------------------------------------------------------------
     rows = es.population // es.group_size
+    layout = DIST.Layout.create(spec)  # the population over every device; trivial on one device
     state = TrainState(params=M.init_params(shape, tc.seed), states=M.init_state(shape, es.population),
                        step=0, cursor={}, seed=tc.seed)
-    stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed)
+    stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, row_range=layout.row_range)
     if plan is not None:
-        r = CK.resume(plan, run_dir, tokenizer, corpus, log=log)
+        r = DIST.resume(plan, run_dir, tokenizer, corpus, log=log)
         state = TrainState(jax.tree_util.tree_map(jnp.asarray, r.params), jnp.asarray(r.states),
                            r.step, r.cursor, r.seed)
-        stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=r.cursor)
+        stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=r.cursor,
+                               row_range=layout.row_range)
         CK.mark_tensorboard_restart(tracker, r.step)
-    ckpt = CK.Checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log)
+    state = layout.place(state)
+    ckpt = DIST.checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log)
     token_bytes = tokenizer.token_bytes()
 
     val_split = corpus.split("validation")
@@ -179,8 +189,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     validate = make_validator(shape, D.eval_slice(val_split, val_rows, val_len),
                               D.eval_slice_bytes(val_split, val_rows, val_len))
 
-    votes_fn = jax.jit(lambda p, s, t, seed, epoch: E.population_votes(spec, p, s, t, seed, epoch),
-                       donate_argnums=(1,))
+    votes_fn = layout.votes_fn()   # jit of E.population_votes; shard_map'd over the mesh if several devices
     update_fn = jax.jit(E.apply_update, donate_argnums=(0,))
 
     log(summary_lines("int_lm: EGGROLL training", {
@@ -191,7 +200,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
         "tokens per step": f"{es.population * es.tokens_per_update:,} ({es.tokens_per_update} per member)",
         "data": f"{cfg.data.source} / {tokenizer.name}: {len(corpus.split('train')):,} train tokens",
         "baselines (val bits/byte)": ", ".join(f"{k} {v:.3f}" for k, v in val_ref.items()),
-        "device": f"{meta['device']} x{jax.device_count()}",
+        "device": f"{meta['device']} x{jax.device_count()}" + (f" ({layout.describe()})" if layout.mesh else ""),
         "run dir": str(run_dir),
     }))
 
@@ -205,7 +214,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     t_start = time.perf_counter()
     compile_s = None
     with ckpt, stop_on_interrupt() as interrupt:
-        while state.step < tc.steps and not interrupt["stop"]:
+        while state.step < tc.steps and not layout.agree_stop(interrupt["stop"]):
             step = state.step
             tokens_np = stream.next()
             alpha = E.alpha_at(step, es.alpha, es.alpha_horizon)
@@ -213,7 +222,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
             epoch = step // es.noise_reuse
 
             t0 = time.perf_counter()
-            votes, scores, states = votes_fn(state.params, state.states, jnp.asarray(tokens_np),
+            votes, scores, states = votes_fn(state.params, state.states, layout.put_tokens(tokens_np),
                                              np.uint32(tc.seed), np.uint32(epoch))
             scores = np.asarray(scores)
             t1 = time.perf_counter()
@@ -223,6 +232,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
             if compile_s is None:
                 compile_s = t2 - t0
             state = TrainState(params, states, step + 1, stream.cursor(), tc.seed)
+            tokens_np = layout.all_rows(tokens_np)   # every process's rows, for the metrics
 
             member_bytes = token_bytes[tokens_np[:, 1:]].sum(axis=1).repeat(es.group_size)
             bpb = -scores / 16.0 / np.maximum(member_bytes, 1)
@@ -241,7 +251,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
                 "perf/update_s": t2 - t1,
             }
             if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
-                val_bpb = validate(state.params)
+                val_bpb = validate(layout.local(state.params))
                 metrics["val/bits_per_byte"] = val_bpb
                 for k, v in val_ref.items():
                     metrics[f"val/baseline_{k}"] = v
@@ -251,12 +261,12 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
             tracker.scalars(state.step, metrics)
             history.append({"step": state.step, "time_s": time.perf_counter() - t_start, **metrics})
             if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                ckpt.save(state, meta, history)
+                ckpt.save(layout.host_state(state), meta, history)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
                                 val=f"{val_bpb:.3f}", tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
-        ckpt.save_final(state, meta, history)  # at the end and after Ctrl-C
+        ckpt.save_final(layout.host_state(state), meta, history)  # at the end and after Ctrl-C
     if bar is not None:
         bar.close()
     tracker.flush()
@@ -274,7 +284,8 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
         if len(history) > 1 else None,
         "run_dir": str(run_dir),
     }
-    (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if main:
+        (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     log(summary_lines("int_lm: done" + (" (interrupted)" if summary["interrupted"] else ""), {
         "steps": summary["steps"],
         "wall clock": f"{elapsed:.1f} s",
