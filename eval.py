@@ -51,6 +51,9 @@ def main(argv=None):
         if extra:
             raise UserError(f"eval.py takes only --data.KEY overrides (the model comes from the checkpoint); "
                             f"remove {', '.join(extra)}")
+        for flag, value in (("--rows", args.rows), ("--block", args.block), ("--max_bytes", args.max_bytes)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be >= 1 (omit it for the default), got {value}")
         from int_lm.checkpoint import load_model
 
         loaded = load_model(args.path, args.step) if args.step is not None else load_model(args.path)

@@ -490,24 +490,12 @@ class ResumePlan:
     metadata: dict
 
 
-def _resolve_config_path(path: str) -> Path:
-    p = Path(path)
-    if p.is_file():
-        return p
-    candidate = Path(__file__).resolve().parent.parent / "configs" / p.name
-    if p.parent == Path(".") and candidate.is_file():
-        return candidate
-    if candidate.with_suffix(".toml").is_file():
-        return candidate.with_suffix(".toml")
-    return p
-
-
 def explicit_values(config_file: str | None, overrides: dict | None) -> dict[str, dict[str, Any]]:
     """The keys the user set explicitly: an explicitly given config file, then the command line."""
     out: dict[str, dict[str, Any]] = {}
     if config_file:
         C.load_file(config_file)  # raises the usual errors
-        values = tomllib.loads(_resolve_config_path(config_file).read_text())
+        values = tomllib.loads(C.find_file(config_file).read_text())
         for section, entries in values.items():
             if isinstance(entries, dict):
                 out.setdefault(section, {}).update(entries)

@@ -1,6 +1,7 @@
 """Shared plumbing of the entry points: config resolution and user-facing errors."""
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
@@ -29,6 +30,15 @@ def run_main(parser, body, argv=None) -> int:
         if debug:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk or quota is the user's to fix wherever the write happened (history,
+        # metadata, TensorBoard, caches); anything else is a bug and keeps its traceback.
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or debug:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: no space left on device{where}; checkpoints already saved are kept; free disk "
+              f"space, then run the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ message that names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -163,22 +164,44 @@ def apply_values(cfg: Config, values: dict[str, dict[str, Any]], origin: str) ->
     return replace(cfg, **updates)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_file(path: str | Path) -> Path:
+    """The config file ``path`` names: as given, else the repository's ``configs/`` file of that name.
+
+    A relative path that is not found from the working directory is looked up
+    relative to the repository (``configs/default.toml`` works from anywhere),
+    then as a name in ``configs/`` (``tiny``, ``tiny.toml``).
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    configs = REPO_ROOT / "configs"
+    candidates = []
+    if not path.is_absolute():
+        candidates.append(REPO_ROOT / path)
+    if path.parent == Path(".") or path.parent.name == "configs":
+        candidates += [configs / path.name, configs / (path.name + ".toml")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if path.exists():
+        raise ConfigError(f"config file {path} is not a file; pass a TOML file or a name from configs/")
+    raise ConfigError(f"config file {path} does not exist; pass a path or a name from configs/ "
+                      f"({', '.join(sorted(p.stem for p in configs.glob('*.toml')))})")
+
+
 def load_file(path: str | Path, cfg: Config | None = None) -> Config:
     """Apply a TOML config file on top of ``cfg`` (default: built-in defaults)."""
     cfg = cfg or Config()
-    path = Path(path)
-    if not path.is_file():
-        candidate = Path(__file__).resolve().parent.parent / "configs" / path.name
-        if path.parent == Path(".") and candidate.is_file():
-            path = candidate
-        elif path.with_suffix(".toml").name != path.name and (candidate.with_suffix(".toml")).is_file():
-            path = candidate.with_suffix(".toml")
-        else:
-            raise ConfigError(f"config file {path} does not exist; pass a path or a name from configs/")
+    path = find_file(path)
     try:
         values = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid TOML ({err}); fix the syntax") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path} ({err.strerror}); fix its permissions") from None
     return apply_values(cfg, values, str(path))
 
 
@@ -219,8 +242,8 @@ def to_toml(cfg: Config) -> str:
         for key, value in entries.items():
             if isinstance(value, bool):
                 text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            elif isinstance(value, str):   # a TOML basic string: JSON's escapes, plus DEL
+                text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
             else:
                 text = repr(value)
             lines.append(f"{key} = {text}")
@@ -243,6 +266,10 @@ def validate(cfg: Config) -> Config:
     need(m.layers >= 1, f"model.layers must be >= 1, got {m.layers}")
     need(8 <= m.width <= MAX_WIDTH and m.width % 4 == 0,
          f"model.width must be a multiple of 4 in [8, {MAX_WIDTH}], got {m.width}")
+    if m.vocab_size > MAX_VOCAB and d.tokenizer.strip() not in ("bytes", "byte"):
+        raise ConfigError(f"data.tokenizer {d.tokenizer} with data.bpe_merges={d.bpe_merges} gives a vocabulary of "
+                          f"{m.vocab_size} tokens, more than the model supports ({MAX_VOCAB}); set "
+                          f"data.bpe_merges to a K in [256, {MAX_VOCAB - 1}]")
     need(2 <= m.vocab_size <= MAX_VOCAB, f"model.vocab_size must be in [2, {MAX_VOCAB}], got {m.vocab_size}")
     need(0 <= m.boundary_token < m.vocab_size,
          f"model.boundary_token must be in [0, vocab_size), got {m.boundary_token}")
@@ -275,6 +302,7 @@ def validate(cfg: Config) -> Config:
     need(d.source.strip() != "", "data.source must not be empty; use stdlib, a local path, or a hub name")
     need(d.tokenizer.strip() != "", "data.tokenizer must not be empty; use bytes or a tiktoken encoding name")
     need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    need(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}")
     need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = never), got {t.eval_every}")
     need(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = only at the end), got {t.checkpoint_every}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

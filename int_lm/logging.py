@@ -6,13 +6,18 @@ weight histograms. ``NullTracker`` is for non-zero processes and tests.
 """
 from __future__ import annotations
 
+import errno
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.event_file_writer import EventFileWriter, _AsyncWriterThread
+
+from int_lm.errors import UserError
 
 
 class NullTracker:
@@ -32,16 +37,55 @@ class NullTracker:
         pass
 
 
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread prints a traceback when a write fails (disk full); the main
+    thread reports the same error once, as a UserError, on its next write or flush."""
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+
+
+_QUIET = False
+
+
 class TensorBoardTracker(NullTracker):
-    """Scalars, histograms and text in ``log_dir`` (open it with ``tensorboard --logdir``)."""
+    """Scalars, histograms and text in ``log_dir`` (open it with ``tensorboard --logdir``).
+
+    A failed write (disk full, directory removed) raises a one-line
+    :class:`~int_lm.errors.UserError`; the caller's checkpoints are unaffected.
+    """
 
     def __init__(self, log_dir: str | Path):
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self._writer = EventFileWriter(str(log_dir))
+        self.log_dir = Path(log_dir)
+        _quiet_writer_threads()
+        with self._errors():
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = EventFileWriter(str(log_dir))
+
+    @contextmanager
+    def _errors(self):
+        try:
+            yield
+        except OSError as err:
+            why = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                (err.strerror or str(err) or type(err).__name__)
+            raise UserError(f"cannot write TensorBoard events to {self.log_dir} ({why}); checkpoints already "
+                            f"saved are kept; free disk space (or fix the directory), then run the same "
+                            f"command to resume") from None
 
     def _write(self, step: int, values: list) -> None:
         event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
-        self._writer.add_event(event)
+        with self._errors():
+            self._writer.add_event(event)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
@@ -64,10 +108,12 @@ class TensorBoardTracker(NullTracker):
         self._write(step, [summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=meta)])
 
     def flush(self) -> None:
-        self._writer.flush()
+        with self._errors():
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with self._errors():
+            self._writer.close()
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

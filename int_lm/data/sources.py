@@ -246,14 +246,41 @@ def _split_of_file(p: Path, root: Path | None) -> str | None:
     return None
 
 
+def _check_readable(spec: str, files: list[Path]) -> None:
+    """Every file opens and reads; not all of them are empty or binary (a NUL in the first 8 KiB)."""
+    bad, binary, empty = [], [], 0
+    for p in files:
+        try:
+            with open(p, "rb") as f:
+                head = f.read(8192)
+        except OSError as err:
+            bad.append((p, err.strerror or type(err).__name__))
+            continue
+        if not head:
+            empty += 1
+        elif _fmt_of(p) is None and b"\0" in head:
+            binary.append(p)
+    if bad:
+        p, why = bad[0]
+        if len(bad) == len(files):
+            raise DataError(f"data.source {spec!r} holds no readable text: cannot read {p} ({why})"
+                            + (f" nor any of its other {len(files) - 1} files" if len(files) > 1 else "")
+                            + "; fix the permissions or point data.source at readable text")
+        raise DataError(f"cannot read {p} ({why}) in data.source {spec!r} ({len(bad)} of {len(files)} files "
+                        f"unreadable); fix their permissions or remove them")
+    if empty == len(files):
+        raise DataError(f"data.source {spec!r} is empty (all {len(files)} files have 0 bytes); point it at text")
+    if empty + len(binary) == len(files):
+        raise DataError(f"data.source {spec!r} holds no readable text (its {len(binary)} non-empty files are "
+                        f"binary, e.g. {binary[0]}); point it at text, jsonl, json, csv or parquet files")
+
+
 def local_source(spec: str, data_cfg: Any, cache_dir: Path) -> Source:
     root, files = _list_local(spec)
     sep = unescape(data_cfg.separator)
     col = data_cfg.text_column
     settings = {"kind": "local", "separator": sep, "text_column": col, "max_docs": data_cfg.max_docs}
-    empty = [p for p in files if p.stat().st_size == 0]
-    if len(empty) == len(files):
-        raise DataError(f"data.source {spec!r} is empty (all {len(files)} files have 0 bytes); point it at text")
+    _check_readable(spec, files)
     fp = fingerprint_files(files, root, settings, cache_dir)
     by_split: dict[str, list[Path]] = {}
     for p in files:
@@ -318,6 +345,18 @@ def offline_message(name: str) -> str:
             f"(if {name!r} was meant as a local path: it does not exist)")
 
 
+def remote_code_kwargs(load_dataset: Callable, trust: bool) -> dict[str, bool]:
+    """``trust_remote_code`` for ``load_dataset``: always explicit where it is accepted (datasets 2.x
+    defaulted to running a dataset's script), True only if the user set data.trust_remote_code.
+    datasets >= 4 has no such argument: it runs no dataset scripts at all."""
+    import inspect
+    try:
+        params = inspect.signature(load_dataset).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"trust_remote_code": bool(trust)} if "trust_remote_code" in params else {}
+
+
 def open_stream(name: str, data_cfg: Any) -> dict[str, Any]:
     """``datasets.load_dataset(name, streaming=True)`` as {split: IterableDataset}, errors mapped."""
     import datasets
@@ -331,8 +370,7 @@ def open_stream(name: str, data_cfg: Any) -> dict[str, Any]:
     elif packaged:
         raise DataError(f"data.source=hf:{name} reads local files: set data.data_files to a glob "
                         f"or 'train=GLOB;validation=GLOB'")
-    if data_cfg.trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    kwargs.update(remote_code_kwargs(datasets.load_dataset, data_cfg.trust_remote_code))
     if not packaged and not hub_reachable():
         raise DataError(offline_message(name))
     try:

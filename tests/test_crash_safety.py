@@ -1,0 +1,235 @@
+"""Crash safety: SIGKILL at several moments, including in the middle of a checkpoint save,
+never corrupts or removes the last good checkpoint, and the resumed run continues
+bit-exactly (int8 weights, every member's recurrent state, data cursor, logged metrics).
+
+A checkpoint save is detected from the outside: orbax writes into
+``checkpoints/<step>.orbax-checkpoint-tmp-*`` and renames it when complete (40-200 ms
+at the tiny size), so polling every millisecond sees every save in flight, and the
+training process is SIGKILLed then, or a few milliseconds later (files half-written).
+Training goes through the real entry point (``python train.py``) at the tiny size.
+tests/test_checkpoint.py covers SIGINT, SIGKILL between saves and a full disk; the slow
+test here kills at many random moments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from int_lm import checkpoint as CK
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 14
+EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("crash_env")
+    e = dict(os.environ)
+    e.update(JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return {"env": e, "cache": str(base / "data_cache")}
+
+
+def args(env, run_dir, *extra) -> list[str]:
+    return [sys.executable, "train.py", "--config", "configs/tiny.toml", "--data.max_docs", "40",
+            "--data.val_tokens", "512", "--data.cache_dir", env["cache"], "--train.checkpoint_every", str(EVERY),
+            "--train.eval_every", "3", "--train.keep_checkpoints", "3", "--train.progress", "false",
+            "--train.run_dir", str(run_dir), *map(str, extra)]
+
+
+def run(env, cmd) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=ROOT, env=env["env"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def start(env, cmd, log: Path) -> subprocess.Popen:
+    started = time.time_ns() - 10_000_000     # 10 ms of slack for the file system's clock
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    proc.started_ns = started
+    return proc
+
+
+def saving(run_dir: Path, since_ns: int = 0) -> list[str]:
+    """Orbax temporary directories (saves in flight, or left by a kill) created after ``since_ns``."""
+    root = CK.checkpoint_dir(run_dir)
+    out = []
+    try:
+        for n in os.listdir(root):
+            if "tmp" in n and os.stat(root / n).st_ctime_ns >= since_ns:
+                out.append(n)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def kill_during_save(proc: subprocess.Popen, run_dir: Path, after_step: int, delay_s: float,
+                     timeout=300) -> list[str]:
+    """SIGKILL ``delay_s`` after a save of a step > ``after_step`` is seen in flight; returns its tmp dirs.
+
+    A killed save leaves ``<step>.orbax-checkpoint-tmp`` behind under the same name until the
+    next save cleans it up: only directories created after ``proc`` started count.
+    """
+    t0 = time.monotonic()
+    while True:
+        tmp = [n for n in saving(run_dir, proc.started_ns) if int(n.split(".")[0]) > after_step]
+        if tmp:
+            break
+        assert proc.poll() is None, f"training exited early ({proc.returncode})"
+        assert time.monotonic() - t0 < timeout, "no save seen"
+        time.sleep(0.001)
+    if delay_s:
+        time.sleep(delay_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return tmp
+
+
+def state(run_dir, step=None) -> dict:
+    r = CK.restore(run_dir, step)
+    flat = CK._flat({"params": r.params})
+    flat["states"] = r.states
+    return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": flat}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert (a["step"], a["cursor"], a["seed"]) == (b["step"], b["cursor"], b["seed"])
+    assert set(a["arrays"]) == set(b["arrays"])
+    for k in a["arrays"]:
+        assert a["arrays"][k].dtype == np.int8
+        np.testing.assert_array_equal(a["arrays"][k], b["arrays"][k], err_msg=k)
+
+
+def logged(run_dir) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k == "step" or k.startswith(("train/", "update/"))}
+            for line in (Path(run_dir) / "history.jsonl").read_text().splitlines()]
+
+
+def check_after_kill(run_dir: Path, before: list[int]) -> int:
+    """The last checkpoint committed before the kill is still there and verifies; so does every other."""
+    after = CK.list_steps(run_dir)
+    assert before and before[-1] in after, (before, after)
+    for s in after:
+        CK.restore(run_dir, s)          # shapes, int8, sha256 of every array
+    return after[-1]
+
+
+@pytest.fixture(scope="module")
+def straight(env, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run(env, args(env, run_dir, "--train.steps", STEPS))
+    return run_dir
+
+
+def test_sigkill_during_saves_keeps_the_last_checkpoint_and_resumes_bit_exactly(env, straight, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    resumed_from = []
+
+    # 1. killed the moment the first save is seen (before any checkpoint has committed)
+    proc = start(env, args(env, run_dir, "--train.steps", 1000), log)
+    try:
+        tmp = kill_during_save(proc, run_dir, 0, 0.0)
+    finally:
+        proc.kill()
+    committed = CK.list_steps(run_dir)
+    assert tmp and int(tmp[0].split(".")[0]) not in committed, (tmp, committed)
+    if not committed:      # nothing committed: the next run starts afresh (and cleans the tmp dir)
+        proc = start(env, args(env, run_dir, "--train.steps", 1000), log)
+        try:
+            tmp = kill_during_save(proc, run_dir, EVERY, 0.0)  # while the second save is in flight
+        finally:
+            proc.kill()
+        committed = CK.list_steps(run_dir)
+    last = check_after_kill(run_dir, committed)
+
+    # 2. resumed, killed a few milliseconds into a later save (files half-written)
+    for delay in (0.005, 0.03):
+        before = CK.list_steps(run_dir)
+        proc = start(env, args(env, run_dir), log)          # the saved config: still 1000 steps
+        try:
+            kill_during_save(proc, run_dir, before[-1], delay)
+        finally:
+            proc.kill()
+        resumed_from.append(before[-1])
+        last = check_after_kill(run_dir, before)
+    assert last < STEPS, f"ran past the reference's {STEPS} steps; lower the kill points"
+
+    # 3. killed during start-up, just after it restored the checkpoint (and logged the resume)
+    before = CK.list_steps(run_dir)
+    n_lines = len(log.read_text().splitlines())
+    proc = start(env, args(env, run_dir), log)
+    try:
+        t0 = time.monotonic()
+        while "resuming" not in "".join(log.read_text().splitlines()[n_lines:]) and time.monotonic() - t0 < 300:
+            assert proc.poll() is None
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    resumed_from.append(before[-1])
+    assert CK.list_steps(run_dir) == before
+    check_after_kill(run_dir, before)
+
+    # 4. resumed, killed between saves (right after a step's history was logged)
+    before = CK.list_steps(run_dir)
+    proc = start(env, args(env, run_dir), log)
+    try:
+        t0 = time.monotonic()
+        while CK.list_steps(run_dir)[-1] == before[-1] and time.monotonic() - t0 < 300:
+            assert proc.poll() is None
+            time.sleep(0.005)
+        time.sleep(random.Random(0).uniform(0, 0.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    resumed_from.append(before[-1])
+    last = check_after_kill(run_dir, CK.list_steps(run_dir))
+    assert last < STEPS
+
+    # 5. finish: bit-identical to the run that was never interrupted
+    p = run(env, args(env, run_dir, "--train.steps", STEPS))
+    resumed_from.append(last)
+    assert f"from checkpoint step {last}" in p.stdout
+    assert not saving(run_dir), "a half-written save was left behind"
+    assert_same(state(straight), state(run_dir))
+    assert logged(run_dir) == logged(straight) and [h["step"] for h in logged(run_dir)] == list(range(1, STEPS + 1))
+    log_steps = [json.loads(line)["resumed_from_step"] for line in (run_dir / CK.RESUME_LOG).read_text().splitlines()]
+    assert log_steps == resumed_from
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(env, straight, tmp_path):
+    """Eight SIGKILLs at random times (in saves, in steps, at start-up), then bit-exact to the end."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    rng = random.Random(1234)
+    for i in range(8):
+        before = CK.list_steps(run_dir)
+        proc = start(env, args(env, run_dir, "--train.steps", STEPS) if not before else
+                     args(env, run_dir), log)
+        try:
+            time.sleep(rng.uniform(1.0, 12.0))
+            if proc.poll() is not None:
+                break                                  # finished: nothing left to kill
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        if before:
+            check_after_kill(run_dir, before)
+    run(env, args(env, run_dir, "--train.steps", STEPS))
+    assert not saving(run_dir)
+    assert_same(state(straight), state(run_dir))
+    assert logged(run_dir) == logged(straight)
