@@ -3,8 +3,8 @@
 A value is a pure function of (seed, epoch, pair, parameter id, element index):
 an integer hash (``mix32``, the "lowbias32" finaliser, uint32 wrap-around
 arithmetic) gives 32 uniform bits, the top bit is the sign and the other 31
-pick the magnitude by a 7-step binary search over 128 thresholds of the
-distribution of |round(16 N(0,1))| clipped to 127 (a 512-byte table). The same
+pick the magnitude against 128 thresholds of the distribution of
+|round(16 N(0,1))| clipped to 127, through two lookup tables (160 KiB). The same
 inputs give the same noise on every run, device and number of devices.
 """
 from __future__ import annotations
@@ -50,16 +50,45 @@ def magnitude_thresholds() -> np.ndarray:
     return np.minimum(np.rint(cdf * 2**31), 2**31 - 1).astype(np.int32)
 
 
+BUCKET_BITS = 15  # the top 16 of the 31 magnitude bits index the bucket table
+
+
+@lru_cache(maxsize=None)
+def magnitude_tables() -> tuple[np.ndarray, int, np.ndarray]:
+    """Lookup tables giving exactly max{m : T[m] <= u} for every 31-bit u (160 KiB in all).
+
+    ``bucket[u >> 15]`` is the magnitude at the start of u's bucket of 2^15 values;
+    all but the last few buckets contain at most one threshold, so one comparison
+    with T[m + 1] finishes the job. The tail buckets (from ``tail_start``: |V| >= 65,
+    probability ~5e-5), where thresholds crowd, get an exact per-value table.
+    """
+    t = magnitude_thresholds().astype(np.int64)
+    n_buckets = 1 << (31 - BUCKET_BITS)
+    starts = np.arange(n_buckets, dtype=np.int64) << BUCKET_BITS
+    first = np.searchsorted(t, starts, side="right") - 1
+    last = np.searchsorted(t, starts + (1 << BUCKET_BITS) - 1, side="right") - 1
+    crowded = np.nonzero(last - first > 1)[0]
+    tail_bucket = int(crowded[0]) if len(crowded) else n_buckets - 1
+    tail_start = tail_bucket << BUCKET_BITS
+    tail_values = np.arange(tail_start, 1 << 31, dtype=np.int64)
+    tail = (np.searchsorted(t, tail_values, side="right") - 1).astype(np.int8)
+    return first.astype(np.int8), tail_start, tail
+
+
 def bits_to_int8(bits):
-    """Map uniform uint32 bits to int8 noise distributed as clip(round(16 N(0,1)))."""
-    table = jnp.asarray(magnitude_thresholds())
+    """Map uniform uint32 bits to int8 noise distributed as clip(round(16 N(0,1))).
+
+    The top bit is the sign; the other 31 pick the magnitude max{m : T[m] <= u}
+    (see magnitude_thresholds) through two small tables and one comparison,
+    exactly as a binary search over T would (tests/test_eggroll.py checks that).
+    """
+    bucket, tail_start, tail = (jnp.asarray(x) for x in magnitude_tables())
+    t = jnp.asarray(magnitude_thresholds())
     u31 = (bits & jnp.uint32(0x7FFFFFFF)).astype(jnp.int32)
-    # First step against a scalar (a gather at a constant index would be
-    # constant-folded over the whole array at compile time), then a binary search.
-    mag = jnp.where(table[64] <= u31, 64, 0)
-    for step in (32, 16, 8, 4, 2, 1):
-        cand = mag + step
-        mag = jnp.where(table[cand] <= u31, cand, mag)
+    mag = bucket[u31 >> BUCKET_BITS].astype(jnp.int32)
+    mag = mag + (t[jnp.minimum(mag + 1, 127)] <= u31).astype(jnp.int32)
+    in_tail = u31 >= tail_start
+    mag = jnp.where(in_tail, tail[jnp.maximum(u31 - tail_start, 0)].astype(jnp.int32), mag)
     negative = (bits >> 31).astype(jnp.int32)
     return (mag * (1 - 2 * negative)).astype(jnp.int8)
 

@@ -221,3 +221,20 @@ def test_limits_refuse_large_rank_at_large_sigma_shift():
     with pytest.raises(Exception, match="es.rank"):
         E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2, rank=64, sigma_shift=12))
     E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2, rank=16, sigma_shift=12))
+
+
+def test_noise_tables_equal_a_search_over_the_thresholds():
+    """The lookup-table sampler is exactly max{m : T[m] <= u} for every kind of u, tail included."""
+    bucket, tail_start, tail = nz.magnitude_tables()
+    assert bucket.nbytes + tail.nbytes + nz.magnitude_thresholds().nbytes < 2 ** 20  # no table over 1 MiB
+    t = nz.magnitude_thresholds().astype(np.int64)
+    rng = np.random.default_rng(0)
+    u = np.concatenate([
+        rng.integers(0, 2 ** 32, 500_000, dtype=np.uint64),
+        np.arange(tail_start - 1000, 2 ** 31, dtype=np.uint64),            # the whole positive tail
+        np.arange(2 ** 31 + tail_start - 1000, 2 ** 32, dtype=np.uint64),  # and the negative one
+        t[1:].astype(np.uint64), (t[1:] - 1).astype(np.uint64),           # every threshold edge
+    ]).astype(np.uint32)
+    got = np.asarray(jax.jit(nz.bits_to_int8)(jnp.asarray(u)))
+    mag = np.searchsorted(t, (u & 0x7FFFFFFF).astype(np.int64), side="right") - 1
+    np.testing.assert_array_equal(got, np.where(u >> 31, -mag, mag))
