@@ -373,12 +373,26 @@ class Checkpointer:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        steps = list_steps(self.run_dir)
-        for old in steps[:-self.keep]:
+        """Delete all but the newest ``keep`` checkpoints, each atomically: the step directory is
+        first renamed to ``<step>.deleting`` (no longer listed), then removed, so a kill in the
+        middle never leaves a half-deleted checkpoint that looks committed. Process 0 deletes."""
+        import jax
+        if jax.process_index() != 0:
+            return
+        removed = False
+        for leftover in self.root.glob("*.deleting"):       # from a process killed while deleting
+            shutil.rmtree(leftover, ignore_errors=True)
+        for old in list_steps(self.run_dir)[:-self.keep]:
+            doomed = self.root / f"{old}.deleting"
             try:
-                self._manager().delete(old)
-            except Exception as err:  # a leftover old checkpoint is harmless
-                self.log(f"warning: could not delete old checkpoint {old}: {err}")
+                os.replace(self.root / str(old), doomed)
+            except OSError as err:  # a leftover old checkpoint is harmless
+                self.log(f"warning: could not delete old checkpoint {old}: {err.strerror}")
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed = True
+        if removed and self._mngr is not None:
+            self._mngr.reload()                                 # orbax's view of the steps
 
     def save(self, state, metadata: dict, history: list[dict] | None = None) -> None:
         """Start an asynchronous save of ``state`` (params, states, step, cursor, seed)."""
