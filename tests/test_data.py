@@ -353,6 +353,8 @@ def test_hub_path_through_datasets_streaming(tmp_path):
     hi = BatchStream(c.split("train"), 6, 17, seed=1, row_range=(2, 6))
     for k in range(12):
         assert np.array_equal(np.concatenate([lo.next(), hi.next()]), ref[k])
+    for stream in (full, b, lo, hi):
+        stream.close()
     assert all(np.array_equal(ref[k][:, -1], ref[k + 1][:, 0]) for k in range(11))
     # cached: a second load does not re-materialise
     assert not load_corpus(cfg, tok, progress=False).built

@@ -378,6 +378,7 @@ class StreamSplit:
                  keep: Callable[[bytes], bool] | None, queue_batches: int = 16, batch_docs: int = 64):
         self.name = name
         self._make_iter = make_iter
+        self._lock = threading.Lock()
         self._tok = tok
         self._keep = keep
         self.vocab_size = tok.vocab_size
@@ -397,7 +398,13 @@ class StreamSplit:
         idx = 0
         while True:
             seen = 0
-            for text in self._make_iter():
+            with self._lock:  # several prefetch threads may read one dataset: one at a time
+                texts = iter(self._make_iter())
+            while True:
+                with self._lock:
+                    text = next(texts, _END)
+                if text is _END:
+                    break
                 b = text.encode("utf-8")
                 if self._keep is not None and not self._keep(b):
                     continue
@@ -410,6 +417,9 @@ class StreamSplit:
 
     def docs(self, start: int = 0) -> "_Prefetcher":
         return _Prefetcher(self, start)
+
+
+_END = object()  # end of one pass over a streamed split
 
 
 class _Prefetcher:
