@@ -7,7 +7,10 @@
     python train.py --train.run_dir runs/x           # resumes runs/x from its latest checkpoint
 
 Any config key can be overridden as ``--section.key value``; ``--debug`` shows
-tracebacks for user errors.
+tracebacks for user errors. A run directory with checkpoints resumes exactly
+(``--train.resume_from STEP`` picks an older one). Several hosts: the same command on
+each with ``--dist.coordinator_address HOST:PORT --dist.num_processes N
+--dist.process_id I`` (or JAX_* / SLURM environment variables); see docs/distributed.md.
 """
 import argparse
 import sys
