@@ -44,6 +44,17 @@ def _check_range(rows: int, row_range: Any) -> tuple[int, int]:
     return lo, hi
 
 
+def _init_stream(stream, split, rows, tokens_per_update, seed, row_range) -> None:
+    """The settings both batch streams share, checked once."""
+    stream.split = split
+    stream.rows = int(rows)
+    stream.T = int(tokens_per_update)
+    stream.seed = int(seed)
+    stream.lo, stream.hi = _check_range(stream.rows, row_range)
+    if stream.T < 1:
+        raise DataError(f"tokens_per_update must be >= 1, got {tokens_per_update}")
+
+
 class BatchStream:
     """Deterministic, resumable training batches of shape (hi - lo, tokens_per_update + 1)."""
 
@@ -54,14 +65,8 @@ class BatchStream:
 
     def __init__(self, split, rows: int, tokens_per_update: int, seed: int,
                  cursor: dict[str, Any] | None = None, row_range: tuple[int, int] | None = None) -> None:
-        self.split = split
-        self.rows = int(rows)
-        self.T = int(tokens_per_update)
-        self.seed = int(seed)
-        self.lo, self.hi = _check_range(self.rows, row_range)
+        _init_stream(self, split, rows, tokens_per_update, seed, row_range)
         n = len(split)
-        if self.T < 1:
-            raise DataError(f"tokens_per_update must be >= 1, got {tokens_per_update}")
         if n < self.T + 1:
             raise DataError(f"the {split.name} split has {n} tokens, fewer than tokens_per_update + 1 = "
                             f"{self.T + 1}; use a bigger corpus or fewer tokens per update")
@@ -114,13 +119,7 @@ class StreamBatchStream:
 
     def __init__(self, split, rows: int, tokens_per_update: int, seed: int,
                  cursor: dict[str, Any] | None = None, row_range: tuple[int, int] | None = None) -> None:
-        self.split = split
-        self.rows = int(rows)
-        self.T = int(tokens_per_update)
-        self.seed = int(seed)
-        self.lo, self.hi = _check_range(self.rows, row_range)
-        if self.T < 1:
-            raise DataError(f"tokens_per_update must be >= 1, got {tokens_per_update}")
+        _init_stream(self, split, rows, tokens_per_update, seed, row_range)
         # per row: list of [doc_id, length], offset into the first doc; tokens kept for own rows only
         self._docs: list[list[list[int]]] = [[] for _ in range(self.rows)]
         self._off = [0] * self.rows

@@ -211,6 +211,30 @@ def _finish_cache(tmp: Path, final: Path) -> None:
             os.rename(tmp, final)
 
 
+def _ensure_cache(cache_root: Path, key: str, tok: Tokenizer, settings: dict[str, Any], build) -> bool:
+    """Build ``cache_root/key`` once, atomically: ``build(tmp)`` writes the split files into a
+    temporary directory and returns their metadata; the directory is renamed into place only
+    when complete, and removed on any failure. Returns whether it was built now."""
+    global BUILD_COUNT
+    final = cache_root / key
+    if (final / "meta.json").is_file():
+        return False
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        meta = build(tmp)
+        meta.update({"version": CACHE_VERSION, "key": key, "tokenizer": tok.identity(), "settings": settings,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _finish_cache(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    BUILD_COUNT += 1
+    return True
+
+
 def _check_splits(splits: dict[str, Any], data_cfg: Any, ndocs: int, hint: str) -> None:
     if "train" in splits and not getattr(splits["train"], "streamed", False) and len(splits["train"]) == 0:
         raise DataError(f"the train split is empty ({ndocs} documents); {hint}")
@@ -241,29 +265,18 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _local_corpus(s: src.Source, data_cfg: Any, tok: Tokenizer, cache_root: Path, progress: bool) -> Corpus:
-    global BUILD_COUNT
     mode = data_cfg.split_mode
     split_parts = {"mode": mode, "val": repr(data_cfg.val_fraction), "test": repr(data_cfg.test_fraction)}
     key = _cache_key({"v": CACHE_VERSION, "fp": s.fingerprint, "split": split_parts,
                       "tok": tok.identity_hash()})
     final = cache_root / key
-    built = False
-    if not (final / "meta.json").is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir(parents=True)
-        try:
-            meta = _build_local(s, data_cfg, tok, tmp, progress)
-            meta.update({"version": CACHE_VERSION, "key": key, "fingerprint": s.fingerprint,
-                         "source": s.description, "kind": s.kind, "tokenizer": tok.identity(),
-                         "settings": split_parts, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _finish_cache(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        built = True
-        BUILD_COUNT += 1
+
+    def build(tmp: Path) -> dict[str, Any]:
+        meta = _build_local(s, data_cfg, tok, tmp, progress)
+        meta.update({"fingerprint": s.fingerprint, "source": s.description, "kind": s.kind})
+        return meta
+
+    built = _ensure_cache(cache_root, key, tok, split_parts, build)
     meta = json.loads((final / "meta.json").read_text())
     splits = {name: _open_split(final, name, meta["splits"][name], tok) for name in SPLITS}
     ndocs = sum(v["docs"] for v in meta["splits"].values())
@@ -481,7 +494,6 @@ class _Prefetcher:
 
 
 def _stream_corpus(name: str, data_cfg: Any, tok: Tokenizer, cache_root: Path, progress: bool) -> Corpus:
-    global BUILD_COUNT
     if data_cfg.split_mode == "contiguous":
         raise DataError("data.split_mode=contiguous is not available for a streamed corpus; use auto or hash")
     streams = src.open_stream(name, data_cfg)
@@ -513,29 +525,18 @@ def _stream_corpus(name: str, data_cfg: Any, tok: Tokenizer, cache_root: Path, p
             if max_docs and n >= max_docs:
                 return
 
-    built = False
-    if not (final / "meta.json").is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir(parents=True)
-        try:
-            meta = _materialise_eval(texts, streams, tok, tmp, carve_val, carve_test, data_cfg.hub_eval_bytes,
-                                     progress)
-            h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-            h.update(meta.pop("content_sha256").encode())
-            meta.update({"version": CACHE_VERSION, "key": key, "fingerprint": h.hexdigest(),
-                         "source": f"hf:{name}", "kind": "stream", "tokenizer": tok.identity(),
-                         "settings": split_parts, "spec": spec, "split_mode": "own+hash",
-                         "note": "train is streamed: the fingerprint covers the dataset spec and the "
-                                 "materialised validation/test text",
-                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _finish_cache(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        built = True
-        BUILD_COUNT += 1
+    def build(tmp: Path) -> dict[str, Any]:
+        meta = _materialise_eval(texts, streams, tok, tmp, carve_val, carve_test, data_cfg.hub_eval_bytes,
+                                 progress)
+        h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+        h.update(meta.pop("content_sha256").encode())
+        meta.update({"fingerprint": h.hexdigest(), "source": f"hf:{name}", "kind": "stream", "spec": spec,
+                     "split_mode": "own+hash",
+                     "note": "train is streamed: the fingerprint covers the dataset spec and the "
+                             "materialised validation/test text"})
+        return meta
+
+    built = _ensure_cache(cache_root, key, tok, split_parts, build)
     meta = json.loads((final / "meta.json").read_text())
     splits: dict[str, Any] = {n: _open_split(final, n, meta["splits"][n], tok) for n in ("validation", "test")}
     keep = None
