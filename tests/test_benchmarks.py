@@ -17,3 +17,12 @@ def test_throughput_harness_runs_and_reports_json():
                 "naive_tokens_per_s", "eggroll_over_naive", "split_s", "compile_s"):
         assert key in result, key
     assert result["train_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_forward_overhead_benchmark_runs():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "forward_overhead.py"), "--layers", "1", "--width", "16",
+         "--members", "4", "--tokens", "3", "--repeats", "1"], capture_output=True, text=True, timeout=300,
+        check=True)
+    for name in ("inference", "perturbed (all)", "vector params only", "matrix factors only"):
+        assert name in out.stdout, out.stdout

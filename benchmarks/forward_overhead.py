@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Where the perturbed forward's extra time goes, by CPU time in one process.
+
+    python benchmarks/forward_overhead.py                  # 6 x 256, 128 members, 50 tokens
+    python benchmarks/forward_overhead.py --members 256 --tokens 20 --layers 2 --width 128
+
+Times the forward pass alone (no noise making, fitness or vote) four ways: the
+unperturbed model (inference); the full EGGROLL perturbation; per-member vector
+parameters only; low-rank matrix factors only. Prints each one's ratio to
+inference. CPU time (user + system of this process) is steadier than wall-clock
+when other jobs share the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from int_lm import eggroll as E  # noqa: E402
+from int_lm import model as M  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def bench(fn, *args, repeats: int):
+    """Best (CPU seconds, wall seconds) over ``repeats`` calls after a compiling call."""
+    jax.block_until_ready(fn(*args))
+    cpu = wall = float("inf")
+    for _ in range(repeats):
+        c0, w0 = cpu_seconds(), time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        cpu, wall = min(cpu, cpu_seconds() - c0), min(wall, time.perf_counter() - w0)
+    return cpu, wall
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--members", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    shape = M.ModelShape(256, args.width, args.layers)
+    b, t = args.members, args.tokens
+    spec = E.EggrollSpec(shape, b, chunk_size=b)
+    params = M.init_params(shape, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (b, t + 1)).astype(np.int32))
+    states = M.init_state(shape, b)
+    noise = E.make_noise(spec, 0, 0, jnp.arange(b // 2, dtype=jnp.int32))
+    member_params, factors = E.member_model_inputs(spec, params, noise)
+    shift = spec.matrix_shift
+
+    def fwd(p, f, s, x):
+        return M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)[0]
+
+    cases = {
+        "inference": (params, None),
+        "perturbed (all)": (member_params, factors),
+        "vector params only": (member_params, None),
+        "matrix factors only": (params, factors),
+    }
+    print(f"model {args.layers} x {args.width}, {b} members x {t} tokens, forward only")
+    out = {}
+    for name, (p, f) in cases.items():
+        cpu, wall = bench(jax.jit(fwd), p, f, states, tokens, repeats=args.repeats)
+        out[name] = cpu
+        print(f"  {name:20s} CPU {cpu:7.3f} s  wall {wall:7.3f} s  {b * t / wall:>10,.0f} tok/s  "
+              f"inference / this = {out['inference'] / cpu:.3f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
