@@ -116,7 +116,7 @@ def auto_layout(num_tokens: int, rows: int | None = None, length: int | None = N
     """Rows and block length: many rows (CPU/GPU efficiency) but no mostly-empty blocks."""
     length = length or 256
     if rows is None:
-        rows = int(min(256, max(1, num_tokens // (2 * length))))
+        rows = int(min(2048, max(1, num_tokens // (2 * length))))  # >= 512 tokens a row: little lost context
     per_row = -(-num_tokens // rows)
     blocks = max(1, -(-per_row // length))
     length = max(1, -(-per_row // blocks))

@@ -193,7 +193,7 @@ def test_eval_is_faster_than_training_per_text_token(tmp_path):
 
     cfg = C.load_file(ROOT / "configs" / "default.toml")
     cfg = C.validate(C.apply_values(cfg, {
-        "data": {"max_docs": 150, "cache_dir": str(tmp_path / "cache")},
+        "data": {"max_docs": 1500, "cache_dir": str(tmp_path / "cache")},
         "train": {"run_dir": str(tmp_path / "run"), "steps": 6, "eval_every": 6, "checkpoint_every": 6,
                   "progress": False}}, "test"))
     summary = train(cfg, log=lambda *a, **k: None)
