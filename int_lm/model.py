@@ -189,7 +189,7 @@ def gru_cell(x, s, lp, layer, factors, shift):
     wf, wh = _layer_factor(factors, "Wf", layer), _layer_factor(factors, "Wh", layer)
     ub_f = ub_h = None
     if wf is not None and wh is not None and "x_b" in factors:
-        # Wf and Wh read the same x: one batched dot against both B factors (joined outside the loop).
+        # Wf and Wh read the same x: one row-dot pass over both B factors (joined outside the loop).
         both, r = lowrank_dots(x, factors["x_b"][layer]), wf[1].shape[1]
         ub_f, ub_h = both[:, :r], both[:, r:]
     f = im.sat_add(matmul(x, lp["Wf"][layer], wf, shift, ub_f),

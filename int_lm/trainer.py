@@ -265,7 +265,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
-                                val="-" if val_bpb != val_bpb else f"{val_bpb:.3f}", tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
+                                val="-" if np.isnan(val_bpb) else f"{val_bpb:.3f}", tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
         ckpt.save_final(layout.host_state(state), meta, history)  # at the end and after Ctrl-C
     if bar is not None:
         bar.close()
