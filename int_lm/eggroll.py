@@ -3,7 +3,7 @@
 One step: for each chunk of the population, draw each pair's noise (int8
 factors A, B per matrix; two int8 vectors per vector parameter), run the
 chunk's members (pair k: +A for member 2k, -A for 2k+1) through the model
-with ``model.forward``'s perturbation hook, score each member by its summed
+with ``model.forward``'s perturbation hook (which takes the factors per pair), score each member by its summed
 integer log-likelihood, shape the pair into ``F_k = sign(s_2k - s_2k+1)``
 and add the chunk's vote ``Z += sum_k F_k A_k B_k^T`` (one int8 GEMM with
 int32 accumulation). After the last chunk every weight whose |Z| passes the
@@ -138,28 +138,22 @@ def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
     return noise
 
 
-def _members(x, negate: bool):
-    """(P, ...) pair values -> (2P, ...) members: [x0, +-x0, x1, +-x1, ...]."""
-    second = -x if negate else x
-    return jnp.stack([x, second], axis=1).reshape((2 * x.shape[0],) + x.shape[1:])
-
-
 def member_model_inputs(spec: EggrollSpec, params, noise):
-    """Per-member (perturbed vectors, low-rank factors) for ``model.forward``.
+    """(Per-member perturbed vectors, per-pair low-rank factors) for ``model.forward``.
 
-    Member 2k gets +noise k, member 2k+1 gets -noise k (the sign sits on A, and
-    on the product a*b for vectors, before any shift).
+    Member 2k gets +noise k, member 2k+1 gets -noise k: the model applies the
+    sign to each pair's A (``model.lowrank_term``); for vectors it sits on the
+    product a*b, before the shift.
     """
     member_params = {"embed": params["embed"], "head": params["head"], "layers": dict(params["layers"])}
     factors = {"layers": {}}
     for path, (a, b) in noise.items():
         base = _get(params, path)
         stacked = path[0] == "layers"
-        if is_matrix(path):  # low-rank factors
-            am, bm = _members(a, negate=True), _members(b, negate=False)
-            if stacked:  # model wants (L, B, ...)
-                am, bm = jnp.moveaxis(am, 0, 1), jnp.moveaxis(bm, 0, 1)
-            _set(factors, path, (am, bm))
+        if is_matrix(path):  # low-rank factors, one per pair
+            if stacked:  # model wants (L, P, ...)
+                a, b = jnp.moveaxis(a, 0, 1), jnp.moveaxis(b, 0, 1)
+            _set(factors, path, (a, b))
         else:  # vector: full-rank product of two noise values
             prod = a.astype(jnp.int32) * b.astype(jnp.int32)
             delta = jnp.stack([prod >> spec.vector_shift, (-prod) >> spec.vector_shift], axis=1)

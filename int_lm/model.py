@@ -6,9 +6,10 @@ token (``lax.scan`` over time), carrying each layer's int8 state and resetting
 it to zero where the input token is the document-boundary token.
 
 The perturbation hook: ``factors`` maps a matrix name to int8 low-rank factors
-``(A, B)`` per sequence, and vector parameters may carry a leading per-sequence
-batch axis. EGGROLL (``int_lm/eggroll.py``) uses this to run a whole population
-in one batch; with ``factors=None`` no extra work is traced at all.
+``(A, B)`` per sequence or per antithetic pair of sequences (2k: +A, 2k+1: -A),
+and vector parameters may carry a leading per-sequence batch axis. EGGROLL
+(``int_lm/eggroll.py``) uses this to run a whole population in one batch; with
+``factors=None`` no extra work is traced at all.
 """
 from __future__ import annotations
 
@@ -97,41 +98,66 @@ def init_state(shape: ModelShape, batch: int):
 # Perturbed matmul (the EGGROLL hook)
 # ---------------------------------------------------------------------------
 
-def lowrank_dots(u, b):
-    """Per-row dots u (B, n) . b (B, r, n) -> (B, r) int32 (|value| <= n 127^2).
+def _row_signs(rows: int, factor_rows: int):
+    """How factor rows map to input rows: per row (sign +1), or per antithetic pair.
 
-    An int32 multiply-reduce that XLA fuses into one loop; on CPU it measured
-    slightly faster than a batched (B, 1, n) x (B, r, n) dot once the inputs are
-    materialised (docs/performance.md).
+    With B/2 factor rows, rows 2k and 2k+1 share factor k: row 2k takes +A_k and
+    row 2k+1 takes -A_k, with the same B_k (EGGROLL's mirrored pair). Reading each
+    pair's factors once instead of a copy per member halves what the time loop streams.
     """
-    return jnp.sum(u[:, None, :].astype(jnp.int32) * b.astype(jnp.int32), axis=-1)
+    if rows == factor_rows:
+        return 1, None
+    if rows == 2 * factor_rows:
+        return 2, jnp.array([1, -1], jnp.int32)
+    raise ValueError(f"low-rank factors for {factor_rows} rows cannot serve {rows} rows (need {rows} or {rows // 2})")
+
+
+def lowrank_dots(u, b):
+    """Per-row dots u (B, n) . b_r -> (B, r) int32 (|value| <= n 127^2), without signs.
+
+    ``b`` is (B, r, n) per row or (B/2, r, n) per antithetic pair. An int32
+    multiply-reduce that XLA fuses into one loop; on CPU it measured slightly
+    faster than a batched (B, 1, n) x (B, r, n) dot (docs/performance.md).
+    """
+    group, _ = _row_signs(u.shape[0], b.shape[0])
+    p, r, n = b.shape
+    rows = u.reshape(p, group, 1, n).astype(jnp.int32)
+    return jnp.sum(rows * b[:, None].astype(jnp.int32), axis=-1).reshape(p * group, r)
 
 
 def lowrank_term(u, a, b, shift: int, ub=None):
-    """floor(sum_r (u . b_r) a_r / 2^shift) per row, exact in int32 for any int8 input.
+    """floor(sum_r (u . b_r) a_r / 2^shift) per row (a_r negated on odd rows of a pair), exact in int32.
 
-    u (B, n) int8; a (B, r, out), b (B, r, n) int8 (rank-major, so each rank is a
-    plain 2-D elementwise op that XLA fuses); ``ub`` is ``lowrank_dots(u, b)``
-    when the caller has it already. |u . b_r| <= n 127^2; when the product with
-    a_r could pass 2^31 it is split into high and low parts,
+    u (B, n) int8; a (B, r, out), b (B, r, n) int8 per row, or (B/2, r, .) per
+    antithetic pair (see ``_row_signs``); rank-major, so each rank is a plain
+    elementwise op that XLA fuses. ``ub`` is ``lowrank_dots(u, b)`` when the
+    caller has it already. The pair sign goes on u . b_r (the same integer as
+    negating a_r). |u . b_r| <= n 127^2; when the product with a_r could pass
+    2^31 it is split into high and low parts,
     ``(hi 2^s + lo) a >> s == hi a + (lo a >> s)``, so nothing overflows.
     """
-    r, n = b.shape[1], b.shape[2]
-    ubr = lowrank_dots(u, b) if ub is None else ub
-    ub = [ubr[:, k:k + 1] for k in range(r)]
-    a32 = [a[:, k, :].astype(jnp.int32) for k in range(r)]
+    group, signs = _row_signs(u.shape[0], a.shape[0])
+    p, r, out = a.shape
+    n = b.shape[2]
+    ubr = (lowrank_dots(u, b) if ub is None else ub).reshape(p, group, r)
+    if signs is not None:
+        ubr = ubr * signs[None, :, None]
+    ub = [ubr[:, :, k:k + 1] for k in range(r)]                     # (P, group, 1)
+    a32 = [a[:, None, k, :].astype(jnp.int32) for k in range(r)]   # (P, 1, out)
     if r * n * 127 * 127 * 127 < 2**31:
-        return sum(x * y for x, y in zip(ub, a32)) >> shift
-    mask = (1 << shift) - 1
-    high = sum((x >> shift) * y for x, y in zip(ub, a32))
-    low = sum((x & mask) * y for x, y in zip(ub, a32))
-    return high + (low >> shift)
+        term = sum(x * y for x, y in zip(ub, a32)) >> shift
+    else:
+        mask = (1 << shift) - 1
+        high = sum((x >> shift) * y for x, y in zip(ub, a32))
+        low = sum((x & mask) * y for x, y in zip(ub, a32))
+        term = high + (low >> shift)
+    return term.reshape(p * group, out)
 
 
 def matmul(u, w, factor=None, shift: int = 0, ub=None):
-    """Scaled matmul of u (B, n) by w (out, n), optionally with per-row low-rank noise.
+    """Scaled matmul of u (B, n) by w (out, n), optionally with low-rank noise per row or pair.
 
-    With ``factor = (A (B, r, out), Bf (B, r, n))`` this is
+    With ``factor = (A, Bf)`` (see ``lowrank_term`` for the layouts) this is
     ``sat8(floor((u.w^T + ((u.Bf^T) . A >> shift)) / (16 isqrt(n))))``,
     without ever forming A^T.Bf (``ub`` optionally gives u.Bf^T precomputed).
     """
@@ -142,15 +168,22 @@ def matmul(u, w, factor=None, shift: int = 0, ub=None):
 
 
 def embed(table, tokens, factor=None, shift: int = 0):
-    """Row lookup; with noise, row t gains ``(sum_r A[r, t] Bf[r]) >> shift`` before sat8."""
+    """Row lookup; with noise, row t gains ``(sum_r A[r, t] Bf[r]) >> shift`` before sat8.
+
+    ``factor`` (A (., r, V), Bf (., r, D)) is per row or per antithetic pair, as in ``lowrank_term``.
+    """
     rows = table[tokens]
     if factor is None:
         return rows
-    a, b = factor  # a (B, r, V), b (B, r, D)
-    idx = jnp.broadcast_to(tokens[:, None, None].astype(jnp.int32), (a.shape[0], a.shape[1], 1))
-    a_t = jnp.take_along_axis(a, idx, axis=2).astype(jnp.int32)  # (B, r, 1)
-    pert = jnp.sum(a_t * b.astype(jnp.int32), axis=1) >> shift
-    return im.sat8(rows.astype(jnp.int32) + pert)
+    a, b = factor
+    group, signs = _row_signs(tokens.shape[0], a.shape[0])
+    p, r, _ = a.shape
+    idx = jnp.broadcast_to(tokens.reshape(p, 1, group).astype(jnp.int32), (p, r, group))
+    a_t = jnp.take_along_axis(a, idx, axis=2).astype(jnp.int32)            # (P, r, group)
+    if signs is not None:
+        a_t = a_t * signs[None, None, :]
+    pert = jnp.sum(a_t[..., None] * b[:, :, None, :].astype(jnp.int32), axis=1) >> shift  # (P, group, D)
+    return im.sat8(rows.astype(jnp.int32) + pert.reshape(p * group, -1))
 
 
 # ---------------------------------------------------------------------------
@@ -246,6 +279,20 @@ def unstack_layers(tree, n_layers: int):
     return {**tree, "layers": jax.tree_util.tree_map(split, tree["layers"])}
 
 
+def keep_int8_in_loop(factors, never):
+    """Tie the low-rank factors to a loop-varying predicate ``never`` that is always false.
+
+    XLA hoists loop-invariant int8 -> int32 converts of the factors out of the
+    time loop, after which the loop streams 4x the bytes (about 5% of a CPU
+    step). A select on a predicate that never fires (token ids are >= 0) keeps
+    them int8 and fuses into their consumers. (Per-member vectors are too
+    small for this to pay: measured neutral.)
+    """
+    if factors is None:
+        return factors
+    return jax.tree_util.tree_map(lambda v: jnp.where(never, jnp.zeros_like(v), v), factors)
+
+
 def forward(params, states, inputs, targets, boundary_token: int, factors=None, shift: int = 0,
             return_logits: bool = False):
     """Run inputs (B, T) through the model from states (L, B, D).
@@ -255,7 +302,8 @@ def forward(params, states, inputs, targets, boundary_token: int, factors=None, 
     """
     def body(carry, xs):
         tok, tgt = xs
-        logits, carry = step(params, carry, tok, boundary_token, factors, shift)
+        f = keep_int8_in_loop(factors, tok[0] < 0)
+        logits, carry = step(params, carry, tok, boundary_token, f, shift)
         ll = im.log_likelihood(logits, tgt)
         return carry, ((ll, logits) if return_logits else ll)
 

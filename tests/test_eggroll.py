@@ -63,10 +63,44 @@ def test_vector_perturbation_follows_spec():
         sign = 1 if member % 2 == 0 else -1
         want = np.clip(16 + ((sign * a[member // 2] * b[member // 2]) >> spec.vector_shift), -127, 127)
         np.testing.assert_array_equal(np.asarray(mparams["ln_out"])[member], want)
-    # Antithetic: the odd member carries -A and the same B.
+    # Matrices: one (A, B) per pair, unchanged; the model puts -A on the odd member.
     am, bm = factors["head"]
-    np.testing.assert_array_equal(np.asarray(am)[1], -np.asarray(am)[0])
-    np.testing.assert_array_equal(np.asarray(bm)[1], np.asarray(bm)[0])
+    np.testing.assert_array_equal(np.asarray(am), np.asarray(noise[("head",)][0]))
+    np.testing.assert_array_equal(np.asarray(bm), np.asarray(noise[("head",)][1]))
+
+
+@pytest.mark.parametrize("n", [64, 4096])
+def test_pair_factors_equal_mirrored_per_row_factors(n):
+    """Factors per antithetic pair (row 2k: +A, row 2k+1: -A) equal explicit per-row factors, bit for bit,
+    in matmul (both the direct and the split overflow-safe path) and in the embedding."""
+    rng = np.random.default_rng(n)
+    pairs, rank, out, shift = 3, 2, 8, 5
+    u = rng.integers(-127, 128, (2 * pairs, n)).astype(np.int8)
+    u[:2] = 127  # worst case magnitudes in the first pair
+    w = rng.integers(-127, 128, (out, n)).astype(np.int8)
+    a = rng.integers(-127, 128, (pairs, rank, out)).astype(np.int8)
+    b = rng.integers(-127, 128, (pairs, rank, n)).astype(np.int8)
+    a[0], b[0] = 127, 127
+    a_rows = np.repeat(a, 2, axis=0) * np.tile([1, -1], pairs)[:, None, None].astype(np.int8)
+    b_rows = np.repeat(b, 2, axis=0)
+    got = np.asarray(M.matmul(jnp.asarray(u), jnp.asarray(w), (jnp.asarray(a), jnp.asarray(b)), shift))
+    per_row = np.asarray(M.matmul(jnp.asarray(u), jnp.asarray(w), (jnp.asarray(a_rows), jnp.asarray(b_rows)), shift))
+    np.testing.assert_array_equal(got, per_row)
+    for i in range(2 * pairs):
+        np.testing.assert_array_equal(got[i], ref.matmul(u[i], w, dense(a_rows[i], b_rows[i]), shift))
+    vocab, d = 16, 8
+    table = rng.integers(-127, 128, (vocab, d)).astype(np.int8)
+    tokens = rng.integers(0, vocab, 2 * pairs).astype(np.int32)
+    ea = rng.integers(-127, 128, (pairs, rank, vocab)).astype(np.int8)
+    eb = rng.integers(-127, 128, (pairs, rank, d)).astype(np.int8)
+    ea_rows = np.repeat(ea, 2, axis=0) * np.tile([1, -1], pairs)[:, None, None].astype(np.int8)
+    got = np.asarray(M.embed(jnp.asarray(table), jnp.asarray(tokens), (jnp.asarray(ea), jnp.asarray(eb)), 3))
+    for i in range(2 * pairs):
+        want = np.clip(table[tokens[i]].astype(np.int64) + (dense(ea_rows[i], np.repeat(eb, 2, axis=0)[i])[tokens[i]] >> 3),
+                       -127, 127)
+        np.testing.assert_array_equal(got[i], want)
+    with pytest.raises(ValueError, match="cannot serve"):
+        M.matmul(jnp.asarray(u[:5]), jnp.asarray(w), (jnp.asarray(a), jnp.asarray(b)), shift)
 
 
 @pytest.mark.parametrize("n", [256, 1024, 4096])
