@@ -118,10 +118,12 @@ def _set(tree, path, value):
 
 
 def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
-    """Noise for ``pairs`` (P,) int32 global pair ids: {path: (A, B)} int8.
+    """Noise for ``pairs`` (P,) int32 global pair ids: {path: (A, B)} int8, layers first.
 
-    Matrices (out, n) [stacked (L, out, n)]: A (P, [L,] r, out), B (P, [L,] r, n).
-    Vectors (D,) [stacked (L, D)]: a, b both (P, [L,] D).
+    Matrices (out, n): A (P, r, out), B (P, r, n); stacked (L, out, n): A (L, P, r, out),
+    B (L, P, r, n). Vectors (D,): a, b both (P, D); stacked (L, D): (L, P, D).
+    Each parameter has one stream per pair: A is its first elements, B the rest,
+    both in (L, r, .) order (the layout only places the pair axis).
     """
     noise = {}
     r = spec.rank
@@ -131,10 +133,10 @@ def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
             a_shape, b_shape = lead + (r, out), lead + (r, n)
         else:
             a_shape = b_shape = shape
-        size_a = int(np.prod(a_shape))
-        flat = nz.pair_noise(seed, epoch, pairs, pid, (size_a + int(np.prod(b_shape)),))
-        p = flat.shape[0]
-        noise[path] = (flat[:, :size_a].reshape((p,) + a_shape), flat[:, size_a:].reshape((p,) + b_shape))
+        axis = 1 if path[0] == "layers" else 0
+        noise[path] = (nz.pair_noise(seed, epoch, pairs, pid, a_shape, pair_axis=axis),
+                       nz.pair_noise(seed, epoch, pairs, pid, b_shape, offset=int(np.prod(a_shape)),
+                                     pair_axis=axis))
     return noise
 
 
@@ -143,27 +145,20 @@ def member_model_inputs(spec: EggrollSpec, params, noise):
 
     Member 2k gets +noise k, member 2k+1 gets -noise k: the model applies the
     sign to each pair's A (``model.lowrank_term``); for vectors it sits on the
-    product a*b, before the shift.
+    product a*b, before the shift. The noise is already in the model's layout.
     """
     member_params = {"embed": params["embed"], "head": params["head"], "layers": dict(params["layers"])}
     factors = {"layers": {}}
     for path, (a, b) in noise.items():
-        base = _get(params, path)
-        stacked = path[0] == "layers"
         if is_matrix(path):  # low-rank factors, one per pair
-            if stacked:  # model wants (L, P, ...)
-                a, b = jnp.moveaxis(a, 0, 1), jnp.moveaxis(b, 0, 1)
             _set(factors, path, (a, b))
-        else:  # vector: full-rank product of two noise values
-            prod = a.astype(jnp.int32) * b.astype(jnp.int32)
-            delta = jnp.stack([prod >> spec.vector_shift, (-prod) >> spec.vector_shift], axis=1)
-            delta = delta.reshape((2 * a.shape[0],) + a.shape[1:])
-            if stacked:
-                delta = jnp.moveaxis(delta, 0, 1)  # (L, B, D)
-                value = im.sat8(base[:, None, :].astype(jnp.int32) + delta)
-            else:
-                value = im.sat8(base[None, :].astype(jnp.int32) + delta)
-            _set(member_params, path, value)
+            continue
+        base = _get(params, path)  # (D,) or (L, D); noise (P, D) or (L, P, D)
+        prod = a.astype(jnp.int32) * b.astype(jnp.int32)
+        delta = (jnp.expand_dims(prod, -2) * jnp.array([[1], [-1]], jnp.int32)) >> spec.vector_shift
+        delta = delta.reshape(prod.shape[:-2] + (2 * prod.shape[-2], prod.shape[-1]))  # pairs -> members
+        value = im.sat8(jnp.expand_dims(base, -2).astype(jnp.int32) + delta)
+        _set(member_params, path, value)
     return member_params, factors
 
 
@@ -177,14 +172,17 @@ def vote(noise, fitness) -> dict:
     f8 = fitness.astype(jnp.int8)
     z = {}
     for path, (a, b) in noise.items():
+        pair_axis = 1 if path[0] == "layers" else 0
+        f_shape = [1] * a.ndim
+        f_shape[pair_axis] = -1
         if not is_matrix(path):
-            z[path] = jnp.einsum("p,p...->...", fitness, a.astype(jnp.int32) * b.astype(jnp.int32))
+            z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=pair_axis)
             continue
-        fa = a * f8.reshape((-1,) + (1,) * (a.ndim - 1))  # |F A| <= 127: still int8
+        fa = a * f8.reshape(f_shape)  # |F A| <= 127: still int8
         if a.ndim == 3:   # (P, r, out) x (P, r, n) -> (out, n)
             dims = (((0, 1), (0, 1)), ((), ()))
-        else:             # (P, L, r, out) x (P, L, r, n) -> (L, out, n)
-            dims = (((0, 2), (0, 2)), ((1,), (1,)))
+        else:             # (L, P, r, out) x (L, P, r, n) -> (L, out, n)
+            dims = (((1, 2), (1, 2)), ((0,), (0,)))
         z[path] = lax.dot_general(fa, b, dims, preferred_element_type=jnp.int32)
     return z
 

@@ -101,10 +101,20 @@ def int8_noise(key, shape):
     return bits_to_int8(bits).reshape(shape)
 
 
-def pair_noise(seed, epoch, pairs, param_id, shape):
-    """Noise of ``shape`` for each pair in ``pairs`` (P,): returns (P, *shape) int8."""
+def pair_noise(seed, epoch, pairs, param_id, shape, offset: int = 0, pair_axis: int = 0):
+    """Noise of ``shape`` for each pair in ``pairs`` (P,), the pair axis at ``pair_axis``.
+
+    Element ``i`` of ``shape`` (C order) is element ``offset + i`` of the pair's
+    stream for ``param_id``, so a stream can be drawn in parts and in any layout:
+    pair_axis=0 gives (P, *shape); pair_axis=1 with shape (L, ...) gives
+    (L, P, ...), the same values with layers first. Each part is one fused loop
+    that writes its output in order (slicing or transposing one big draw split
+    it into several slow passes on CPU).
+    """
     keys = stream_key(seed, epoch, pairs, param_id)  # (P,)
-    size = int(np.prod(shape))
-    idx = jnp.arange(size, dtype=jnp.uint32)
-    bits = mix32(keys[:, None] + idx[None, :] * GOLDEN)
-    return bits_to_int8(bits).reshape((keys.shape[0],) + tuple(shape))
+    shape = tuple(shape)
+    idx = jnp.arange(offset, offset + int(np.prod(shape)), dtype=jnp.uint32).reshape(shape)
+    key_shape = [1] * (len(shape) + 1)
+    key_shape[pair_axis] = keys.shape[0]
+    bits = mix32(keys.reshape(key_shape) + jnp.expand_dims(idx, pair_axis) * GOLDEN)
+    return bits_to_int8(bits)

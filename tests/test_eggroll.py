@@ -35,7 +35,8 @@ def test_perturbed_forward_equals_dense_reference(rank, sigma_shift):
         pert = {"layers": None}
         layer_dense = {}
         for path, (a, b) in noise.items():
-            a, b = np.asarray(a)[pair], np.asarray(b)[pair]
+            axis = 1 if path[0] == "layers" else 0  # noise is layers first: (L, P, ...)
+            a, b = np.take(np.asarray(a), pair, axis=axis), np.take(np.asarray(b), pair, axis=axis)
             if not E.is_matrix(path):
                 continue
             if path[0] == "layers":
@@ -136,13 +137,28 @@ def test_vote_equals_dense_sum_over_members():
     for path, (a, b) in noise.items():
         a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
         if E.is_matrix(path):
-            if path[0] == "layers":
-                want = np.stack([sum(f[k] * dense(a[k, l], b[k, l]) for k in range(10)) for l in range(2)])
+            if path[0] == "layers":  # (L, P, r, .)
+                want = np.stack([sum(f[k] * dense(a[l, k], b[l, k]) for k in range(10)) for l in range(2)])
             else:
                 want = sum(f[k] * dense(a[k], b[k]) for k in range(10))
+        elif path[0] == "layers":  # (L, P, D)
+            want = np.einsum("k,lk...->l...", f, a * b)
         else:
             want = np.einsum("k,k...->...", f, a * b)
         np.testing.assert_array_equal(np.asarray(z[path]), want)
+
+
+def test_noise_parts_and_layouts_are_one_stream():
+    """A stream drawn whole, in parts (offset) or layers first (pair_axis=1) gives the same values."""
+    pairs = jnp.arange(3, dtype=jnp.int32)
+    whole = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2 * 5 * 6,)))
+    first = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2, 5, 2)))
+    rest = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2, 5, 4), offset=20))
+    np.testing.assert_array_equal(first.reshape(3, -1), whole[:, :20])
+    np.testing.assert_array_equal(rest.reshape(3, -1), whole[:, 20:])
+    layers_first = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2, 5, 4), offset=20, pair_axis=1))
+    assert layers_first.shape == (2, 3, 5, 4)
+    np.testing.assert_array_equal(np.moveaxis(layers_first, 1, 0), rest)
 
 
 def test_noise_is_deterministic_and_counter_based():
