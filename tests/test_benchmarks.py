@@ -26,3 +26,12 @@ def test_forward_overhead_benchmark_runs():
         check=True)
     for name in ("inference", "perturbed (all)", "vector params only", "matrix factors only"):
         assert name in out.stdout, out.stdout
+
+
+def test_profile_step_runs_and_finds_the_loop(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--model.layers", "1", "--model.width", "16",
+         "--model.vocab_size", "32", "--es.population", "8", "--es.tokens_per_update", "3", "--top", "5",
+         "--trace_dir", str(tmp_path)], capture_output=True, text=True, timeout=300, check=True)
+    assert "training outside the time loop" in out.stdout, out.stdout
+    assert list(tmp_path.glob("training/plugins/profile/*/*.xplane.pb")), "no trace written"
