@@ -263,6 +263,23 @@ def evaluate_members(spec: EggrollSpec, params, noise, states, tokens):
     return jnp.sum(ll, axis=1), states
 
 
+def draw_noise_fused(spec: EggrollSpec, seed, epoch, pairs, never) -> dict:
+    """``make_noise``, drawn inside a conditional whose other branch never runs (``never``
+    is a runtime predicate that is always false), on CPU only.
+
+    The noise feeds both the forward and the vote; XLA's CPU fusion then splits each
+    draw's table lookups into separate passes over memory. Inside the branch every draw
+    stays one fused loop: noise + vote for 512 pairs of 6 x 256, 0.16 s -> 0.07 s. Off
+    the CPU it is a plain draw (a GPU conditional would sync with the host).
+    """
+    def draw():
+        return make_noise(spec, seed, epoch, pairs)
+    if jax.default_backend() != "cpu":
+        return draw()
+    shapes = jax.eval_shape(draw)
+    return lax.cond(never, lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), draw)
+
+
 def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pair_offset=0):
     """All chunks of a (local) population: returns (votes (hi, lo), scores, states).
 
@@ -277,10 +294,11 @@ def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pai
     def run_chunk(c, states, acc):
         first = c * chunk
         pairs = pair_offset + first // 2 + jnp.arange(chunk // 2, dtype=jnp.int32)
-        noise = make_noise(spec, seed, epoch, pairs)
         rows = (first + jnp.arange(chunk)) // g
+        chunk_tokens = tokens[rows]
+        noise = draw_noise_fused(spec, seed, epoch, pairs, chunk_tokens[0, 0] < 0)  # token ids are >= 0
         st = lax.dynamic_slice_in_dim(states, first, chunk, axis=1)
-        scores, st = evaluate_members(spec, params, noise, st, tokens[rows])
+        scores, st = evaluate_members(spec, params, noise, st, chunk_tokens)
         acc = accumulate(acc, vote(noise, shape_fitness(scores)))
         return lax.dynamic_update_slice_in_dim(states, st, first, axis=1), acc, scores
 
