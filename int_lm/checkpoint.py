@@ -103,12 +103,19 @@ def _quiet_orbax() -> None:
     _silence_late_read_callbacks()
 
 
-def _failed_save_error(message: str) -> "CheckpointError":
-    """The one-line error for a failed save. A failed orbax save also leaves unretrieved
-    asyncio futures whose exceptions asyncio would log, with the full tensorstore text,
-    when they are collected (seen on a full disk); the save is reported here, so mute that."""
+def _failed_save_error(step: int, root: Path, err: BaseException | None = None) -> "CheckpointError":
+    """The one-line error for a save that failed with ``err`` (None: it did not commit).
+
+    A failed orbax save also leaves unretrieved asyncio futures whose exceptions
+    asyncio would log, with the full tensorstore text, when they are collected
+    (seen on a full disk); the save is reported here, so mute that.
+    """
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    return CheckpointError(message)
+    where = f"saving the checkpoint at step {step} to {root}"
+    if err is None:
+        return CheckpointError(f"{where} did not commit; earlier checkpoints are kept")
+    return CheckpointError(f"{where} failed ({_short(err)}); earlier checkpoints are kept; free disk space "
+                           f"(or fix the directory), then run the same command to resume")
 
 
 def _ocp():
@@ -371,12 +378,9 @@ class Checkpointer:
             self._mngr.wait_until_finished()
             self._mngr.check_for_errors()
         except Exception as err:
-            raise _failed_save_error(f"saving the checkpoint at step {step} to {self.root} failed "
-                                     f"({_short(err)}); earlier checkpoints are kept; free disk space "
-                                     f"(or fix the directory), then run the same command to resume") from None
+            raise _failed_save_error(step, self.root, err) from None
         if step not in list_steps(self.run_dir):
-            raise _failed_save_error(f"saving the checkpoint at step {step} to {self.root} did not commit; "
-                                     f"earlier checkpoints are kept")
+            raise _failed_save_error(step, self.root)
         self.last_saved = step
         self._collect_garbage()
 
@@ -433,9 +437,7 @@ class Checkpointer:
             self._manager().save(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(_unflat(flat)), meta=ocp.args.JsonSave(meta)))
         except Exception as err:
-            raise _failed_save_error(f"saving the checkpoint at step {step} to {self.root} failed "
-                                     f"({_short(err)}); earlier checkpoints are kept; free disk space "
-                                     f"(or fix the directory), then run the same command to resume") from None
+            raise _failed_save_error(step, self.root, err) from None
         self._pending = step
 
     def save_final(self, state, metadata: dict, history: list[dict] | None = None) -> None:

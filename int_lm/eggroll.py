@@ -3,8 +3,8 @@
 One step: for each chunk of the population, draw each pair's noise (int8
 factors A, B per matrix; two int8 vectors per vector parameter), run the
 chunk's members (pair k: +A for member 2k, -A for 2k+1) through the model
-with ``model.forward``'s perturbation hook (which takes the factors per pair), score each member by its summed
-integer log-likelihood, shape the pair into ``F_k = sign(s_2k - s_2k+1)``
+with ``model.forward``'s perturbation hook (which takes the factors per pair),
+score each member by its summed integer log-likelihood, shape the pair into ``F_k = sign(s_2k - s_2k+1)``
 and add the chunk's vote ``Z += sum_k F_k A_k B_k^T`` (one int8 GEMM with
 int32 accumulation). After the last chunk every weight whose |Z| passes the
 z-test threshold moves by sign(Z), clipped to [-127, 127].
@@ -117,6 +117,11 @@ def _set(tree, path, value):
         _set(tree[path[0]], path[1:], value)
 
 
+def pair_axis(path) -> int:
+    """Where a parameter's noise keeps its pair axis: after the layer axis for stacked layers."""
+    return 1 if path[0] == "layers" else 0
+
+
 def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
     """Noise for ``pairs`` (P,) int32 global pair ids: {path: (A, B)} int8, layers first.
 
@@ -133,7 +138,7 @@ def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
             a_shape, b_shape = lead + (r, out), lead + (r, n)
         else:
             a_shape = b_shape = shape
-        axis = 1 if path[0] == "layers" else 0
+        axis = pair_axis(path)
         noise[path] = (nz.pair_noise(seed, epoch, pairs, pid, a_shape, pair_axis=axis),
                        nz.pair_noise(seed, epoch, pairs, pid, b_shape, offset=int(np.prod(a_shape)),
                                      pair_axis=axis))
@@ -172,11 +177,11 @@ def vote(noise, fitness) -> dict:
     f8 = fitness.astype(jnp.int8)
     z = {}
     for path, (a, b) in noise.items():
-        pair_axis = 1 if path[0] == "layers" else 0
+        axis = pair_axis(path)
         f_shape = [1] * a.ndim
-        f_shape[pair_axis] = -1
+        f_shape[axis] = -1
         if not is_matrix(path):
-            z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=pair_axis)
+            z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=axis)
             continue
         fa = a * f8.reshape(f_shape)  # |F A| <= 127: still int8
         if a.ndim == 3:   # (P, r, out) x (P, r, n) -> (out, n)

@@ -35,7 +35,7 @@ def test_perturbed_forward_equals_dense_reference(rank, sigma_shift):
         pert = {"layers": None}
         layer_dense = {}
         for path, (a, b) in noise.items():
-            axis = 1 if path[0] == "layers" else 0  # noise is layers first: (L, P, ...)
+            axis = E.pair_axis(path)  # noise is layers first: (L, P, ...)
             a, b = np.take(np.asarray(a), pair, axis=axis), np.take(np.asarray(b), pair, axis=axis)
             if not E.is_matrix(path):
                 continue
