@@ -8,7 +8,7 @@
 Each device count runs in its own process (the CPU device count is fixed when
 JAX starts: ``XLA_FLAGS=--xla_force_host_platform_device_count=K``) and times
 the trainer's own step: ``distributed.Layout.votes_fn`` (population_votes
-under shard_map, exact psum of the votes) plus the replicated ``apply_update``,
+under shard_map, exact psum of the votes) plus the replicated update rule (``int_lm/optim``),
 on random tokens. It also checks that the updated weights are bit-identical
 across device counts (a sha256 of them is printed).
 
@@ -18,6 +18,7 @@ of sharding (collectives, per-device dispatch, smaller GEMMs), not a speed-up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,15 +53,18 @@ def worker(cfg, repeats: int) -> dict:
     params = layout.put_params(M.init_params(shape, 0))
     states = layout.put_states(M.init_state(shape, spec.population))
     votes_fn = layout.votes_fn()
-    update_fn = jax.jit(E.apply_update, donate_argnums=(0,))
-    thr_m, thr_v = E.thresholds(0.5, spec.population, spec.rank)
+    from int_lm import optim
+    rule = optim.make(dataclasses.replace(cfg.es, alpha=0.5))
+    update_fn = jax.jit(rule.update, donate_argnums=(0, 1))
+    opt_state = rule.init(params)
+    hyper = {k: np.int32(v) for k, v in rule.schedule(0)[0].items()}
     times = []
     for i, tokens in enumerate(batches):
         lo, hi = layout.row_range
         t0 = time.perf_counter()
         votes, scores, states = votes_fn(params, states, layout.put_tokens(tokens[lo:hi]), np.uint32(0),
                                          np.uint32(i))
-        params, stats = update_fn(params, votes, np.int32(thr_m), np.int32(thr_v))
+        params, opt_state, stats = update_fn(opt_state, params, votes, hyper)
         jax.block_until_ready((params, states, scores))
         times.append(time.perf_counter() - t0)
     digest = hashlib.sha256()

@@ -16,6 +16,7 @@ Random tokens: throughput does not depend on the text.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -32,6 +33,7 @@ from int_lm import config as C  # noqa: E402
 from int_lm import eggroll as E  # noqa: E402
 from int_lm import intmath as im  # noqa: E402
 from int_lm import model as M  # noqa: E402
+from int_lm import optim  # noqa: E402
 
 DEFAULTS = {"model": {"layers": 6, "width": 256}, "es": {"population": 1024, "tokens_per_update": 100,
                                                           "chunk_size": 0}}
@@ -67,7 +69,7 @@ def naive_es_step(spec: E.EggrollSpec, shift: int):
 
     def step(params, states, tokens, seed, epoch, thr):
         pairs = jnp.arange(spec.population // 2, dtype=jnp.int32)
-        leaves = E._leaves(spec.shape)
+        leaves = M.param_leaves(spec.shape)
         dense = {}
         for pid, (path, shape, matrix) in enumerate(leaves):
             if matrix:
@@ -79,9 +81,9 @@ def naive_es_step(spec: E.EggrollSpec, shift: int):
             p = {"layers": dict(params["layers"]), "embed": params["embed"], "head": params["head"],
                  "ln_out": params["ln_out"]}
             for path, e in noise_m.items():
-                w = E._get(params, path)
+                w = M.get_leaf(params, path)
                 pert = im.sat8(w.astype(jnp.int32) + ((sign * e.astype(jnp.int32)) >> shift))
-                E._set(p, path, pert)
+                M.set_leaf(p, path, pert)
             st = jax.lax.dynamic_slice_in_dim(states, m, 1, axis=1)
             toks = tokens[m // spec.group_size][None]
             ll, st = M.forward(p, st, toks[:, :-1], toks[:, 1:], spec.shape.boundary_token)
@@ -95,8 +97,8 @@ def naive_es_step(spec: E.EggrollSpec, shift: int):
                "ln_out": params["ln_out"]}
         for path, e in dense.items():
             z = jnp.einsum("p,p...->...", fitness, e.astype(jnp.int32))
-            w = E._get(params, path)
-            E._set(new, path, im.sat8(w.astype(jnp.int32) + jnp.where(jnp.abs(z) >= thr, jnp.sign(z), 0)))
+            w = M.get_leaf(params, path)
+            M.set_leaf(new, path, im.sat8(w.astype(jnp.int32) + jnp.where(jnp.abs(z) >= thr, jnp.sign(z), 0)))
         return new, jnp.moveaxis(new_states, 0, 1), scores
 
     return jax.jit(step)
@@ -141,8 +143,10 @@ def main(argv=None) -> dict:
 
     # (b) EGGROLL: votes (noise + perturbed forward + fitness + vote) then the update
     votes_fn = jax.jit(lambda p, s, x, seed, epoch: E.population_votes(spec, p, s, x, seed, epoch))
-    update_fn = jax.jit(E.apply_update)
-    thr_m, thr_v = E.thresholds(0.1, n, spec.rank)
+    rule = optim.make(dataclasses.replace(cfg.es, alpha=0.1))
+    update_fn = jax.jit(rule.update)
+    hyper = {k: np.int32(v) for k, v in rule.schedule(0)[0].items()}
+    thr_m = hyper["threshold_matrix"]
     states = M.init_state(shape, n)
     # Inference and training alternate, round by round, so that a slow spell of the
     # machine hits both; each reports its best round.
@@ -156,7 +160,7 @@ def main(argv=None) -> dict:
     for name, (fn, fn_args) in calls.items():
         first[name], best[name], out[name] = timed(fn, *fn_args, repeats=0)
     acc = out["votes"][0]
-    calls["update"] = (update_fn, (params, acc, np.int32(thr_m), np.int32(thr_v)))
+    calls["update"] = (update_fn, (rule.init(params), params, acc, hyper))
     first["update"], best["update"], _ = timed(update_fn, *calls["update"][1], repeats=0)
     for _ in range(args.repeats):
         for name, (fn, fn_args) in calls.items():

@@ -9,13 +9,14 @@ A run directory holds::
 
 One checkpoint = two orbax items:
 
-* ``state``: a PyTree of host NumPy int8 arrays, ``{"params": <model.param_shapes
-  layout>, "states": (L, N, D)}``. Saved from host copies (no device shardings
+* ``state``: a PyTree of host NumPy integer arrays, ``{"params": <model.param_shapes
+  layout, int8>, "states": (L, N, D) int8, "opt": <the update rule's state, int32 or
+  smaller; absent for a stateless rule>}``. Saved from host copies (no device shardings
   are recorded) and restored with ``restore_type=np.ndarray``: explicit host
   placement, so a checkpoint written on a GPU restores on a CPU and back.
 * ``meta``: JSON: format tag, step, data cursor, seed, the run metadata
   (resolved config, tokenizer identity, corpus fingerprint, versions) and a
-  sha256 of every array. Restoring verifies shapes, int8 dtypes and the hashes,
+  sha256 of every array. Restoring verifies names, shapes, dtypes and the hashes,
   so a truncated or corrupted checkpoint is refused with one clear message.
 
 Nothing is ever pickled; loading never executes code. Old checkpoints are
@@ -155,32 +156,59 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _host_int8(x, name: str) -> np.ndarray:
-    """A private host copy (the device buffers are donated by the next step)."""
+def _host_array(x, name: str, dtypes: tuple = (np.int8,)) -> np.ndarray:
+    """A private host copy (the device buffers are donated by the next step); integers only."""
     a = np.array(x, copy=True)
-    if a.dtype != np.int8:
-        raise CheckpointError(f"refusing to save {name} with dtype {a.dtype}: checkpoints hold int8 only")
+    if a.dtype not in dtypes:
+        raise CheckpointError(f"refusing to save {name} with dtype {a.dtype}: weights and member states are "
+                              f"int8 only, optimiser state int32 or smaller")
     return a
 
 
-def _expected_shapes(cfg: C.Config) -> dict[str, tuple]:
+OPT_DTYPES = (np.int8, np.int16, np.int32)
+
+
+def _flat_state(state) -> dict[str, np.ndarray]:
+    """The arrays of a train state as ``{name: host array}``: params.*, states, opt.*."""
+    flat = {"params." + k: _host_array(v, k) for k, v in _flat(dict(state.params)).items()}
+    flat["states"] = _host_array(state.states, "states")
+    for k, v in _flat(dict(getattr(state, "opt_state", None) or {})).items():
+        flat["opt." + k] = _host_array(v, "opt_state." + k, OPT_DTYPES)
+    return flat
+
+
+def _expected_arrays(cfg: C.Config) -> dict[str, tuple[tuple, np.dtype]]:
+    """Name -> (shape, dtype) of every array a checkpoint of ``cfg`` holds."""
+    import jax
     from int_lm import model as M
+    from int_lm import optim
     shape = M.ModelShape.from_config(cfg.model)
-    return {"params." + k: tuple(v) for k, v in _flat(
-        {k: v for k, v in M.param_shapes(shape).items()}).items()} | {
-        "states": (shape.layers, cfg.es.population, shape.width)}
+    out = {"params." + k: (tuple(v), np.dtype(np.int8)) for k, v in _flat(M.param_shapes(shape)).items()}
+    out["states"] = ((shape.layers, cfg.es.population, shape.width), np.dtype(np.int8))
+    params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.int8), M.param_shapes(shape),
+                                    is_leaf=lambda x: isinstance(x, tuple))
+    opt = jax.eval_shape(optim.make(cfg.es).init, params)
+    for k, v in _flat(dict(opt)).items():
+        out["opt." + k] = (tuple(v.shape), np.dtype(v.dtype))
+    return out
 
 
-def _check_arrays(flat: dict[str, np.ndarray], shapes: dict[str, tuple], digests: dict[str, str] | None,
-                  where: str, hint: str) -> None:
-    if set(flat) != set(shapes):
-        raise CheckpointError(f"{where} holds arrays {sorted(flat)}, expected {sorted(shapes)}; {hint}")
+def _param_arrays(cfg: C.Config) -> dict[str, tuple[tuple, np.dtype]]:
+    """The weights alone (an exported model), without the ``params.`` prefix."""
+    return {k[len("params."):]: v for k, v in _expected_arrays(cfg).items() if k.startswith("params.")}
+
+
+def _check_arrays(flat: dict[str, np.ndarray], expected: dict[str, tuple[tuple, np.dtype]],
+                  digests: dict[str, str] | None, where: str, hint: str) -> None:
+    if set(flat) != set(expected):
+        raise CheckpointError(f"{where} holds arrays {sorted(flat)}, expected {sorted(expected)}; {hint}")
     for name, a in flat.items():
-        if not isinstance(a, np.ndarray) or a.dtype != np.int8:
-            raise CheckpointError(f"{where}: {name} has dtype {getattr(a, 'dtype', type(a))}, expected int8 "
+        shape, dtype = expected[name]
+        if not isinstance(a, np.ndarray) or a.dtype != dtype:
+            raise CheckpointError(f"{where}: {name} has dtype {getattr(a, 'dtype', type(a))}, expected {dtype} "
                                   f"(never cast silently); {hint}")
-        if tuple(a.shape) != tuple(shapes[name]):
-            raise CheckpointError(f"{where}: {name} has shape {tuple(a.shape)}, expected {shapes[name]}; {hint}")
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(a.shape)}, expected {shape}; {hint}")
         if digests is not None and digests.get(name) != _digest(a):
             raise CheckpointError(f"{where}: {name} does not match its saved sha256 (corrupted); {hint}")
 
@@ -275,6 +303,7 @@ class Restored:
     seed: int
     config: C.Config
     metadata: dict          # run metadata: config, tokenizer, corpus, versions, ...
+    opt_state: dict = dataclasses.field(default_factory=dict)   # the update rule's state ({}: none)
 
 
 def restore(run_dir: str | Path, step: int | None = None) -> Restored:
@@ -295,7 +324,7 @@ def restore(run_dir: str | Path, step: int | None = None) -> Restored:
         cfg = C.validate(C.from_dict(meta["metadata"]["config"]))
     except (UserError, KeyError, TypeError) as err:
         raise CheckpointError(f"{where}: its saved config is unusable ({err}); {hint}") from None
-    shapes = _expected_shapes(cfg)
+    shapes = _expected_arrays(cfg)
     ocp = _ocp()
     template = _unflat({name: 0 for name in shapes})
     restore_args = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in shapes}
@@ -316,7 +345,7 @@ def restore(run_dir: str | Path, step: int | None = None) -> Restored:
     _check_arrays(flat, shapes, meta["sha256"], where, hint)
     tree = _unflat(flat)
     return Restored(params=tree["params"], states=tree["states"], step=step, cursor=meta["cursor"],
-                    seed=int(meta["seed"]), config=cfg, metadata=meta["metadata"])
+                    seed=int(meta["seed"]), config=cfg, metadata=meta["metadata"], opt_state=tree.get("opt", {}))
 
 
 # ---------------------------------------------------------------------------
@@ -407,7 +436,7 @@ class Checkpointer:
             self._mngr.reload()                                 # orbax's view of the steps
 
     def save(self, state, metadata: dict, history: list[dict] | None = None) -> None:
-        """Start an asynchronous save of ``state`` (params, states, step, cursor, seed)."""
+        """Start an asynchronous save of ``state`` (params, states, opt_state, step, cursor, seed)."""
         step = int(state.step)
         self._wait()
         if step in list_steps(self.run_dir):
@@ -420,8 +449,7 @@ class Checkpointer:
                                       f"{self.run_dir / HISTORY} ({_short(err)}); earlier checkpoints are "
                                       f"kept; free disk space (or fix the directory), then run the same "
                                       f"command to resume") from None
-        flat = {"params." + k: _host_int8(v, k) for k, v in _flat(dict(state.params)).items()}
-        flat["states"] = _host_int8(state.states, "states")
+        flat = _flat_state(state)
         meta = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -691,8 +719,7 @@ def _load_export(path: Path) -> LoadedModel:
         digests = json.loads(header["sha256"])
     except (KeyError, ValueError, UserError) as err:
         raise CheckpointError(f"{path}: its JSON header is damaged ({err}); export it again") from None
-    shapes = {k[len("params."):]: v for k, v in _expected_shapes(cfg).items() if k.startswith("params.")}
-    _check_arrays(flat, shapes, digests, str(path), "export it again")
+    _check_arrays(flat, _param_arrays(cfg), digests, str(path), "export it again")
     return LoadedModel(params=_unflat(flat), config=cfg, metadata={**metadata, "step": step}, step=step,
                        source=str(path), kind="export")
 
@@ -708,8 +735,7 @@ def export_model(src: str | Path | LoadedModel, out_path: str | Path, step: int 
     from safetensors.numpy import save_file
     model = src if isinstance(src, LoadedModel) else load_model(src, step)
     flat = {k: np.ascontiguousarray(v) for k, v in _flat(dict(model.params)).items()}
-    shapes = {k[len("params."):]: v for k, v in _expected_shapes(model.config).items() if k.startswith("params.")}
-    _check_arrays(flat, shapes, None, "the model to export", "it is not an int_lm model")
+    _check_arrays(flat, _param_arrays(model.config), None, "the model to export", "it is not an int_lm model")
     metadata = {k: v for k, v in model.metadata.items() if k != "step"}
     header = {
         "format": EXPORT_FORMAT,

@@ -44,6 +44,7 @@ class ESConfig:
     tokens_per_update: int = 100   # tokens each member reads per step
     chunk_size: int = 0            # members evaluated at once; 0 = whole population
     noise_reuse: int = 1           # steps that share one noise draw
+    optimizer: str = "sign"        # update rule (int_lm/optim): "sign" = the paper's thresholded +-1 vote
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,8 @@ def validate(cfg: Config) -> Config:
              f"es.chunk_size must be even, a multiple of es.group_size and divide es.population, "
              f"got {es.chunk_size}")
     need(es.noise_reuse >= 1, f"es.noise_reuse must be >= 1, got {es.noise_reuse}")
+    from int_lm.optim import RULES  # here, not at the top: optim imports the model, which needs no config
+    need(es.optimizer in RULES, f"es.optimizer must be one of {', '.join(RULES)}, got {es.optimizer!r}")
     need(d.bpe_merges >= 0, f"data.bpe_merges must be >= 0, got {d.bpe_merges}")
     need(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
          "data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")

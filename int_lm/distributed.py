@@ -265,11 +265,12 @@ class Layout:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def place(self, state):
-        """The train state with params replicated and states sharded over the mesh."""
+        """The train state with params and optimiser state replicated, member states sharded over the mesh."""
         if self.mesh is None:
             return state
         return dataclasses.replace(state, params=self.put_params(state.params),
-                                   states=self.put_states(state.states))
+                                   states=self.put_states(state.states),
+                                   opt_state=self.put_params(state.opt_state))
 
     def local(self, tree):
         """Replicated arrays -> this process's first copy (single-device arrays: local work, no collectives)."""
@@ -285,11 +286,12 @@ class Layout:
         return bool(np.asarray(multihost_utils.process_allgather(np.int32(stop))).any())
 
     def host_state(self, state):
-        """The train state with host copies of params and states (for checkpoints), on every process."""
+        """The train state with host copies of its arrays (for checkpoints), on every process."""
         if not self.multiprocess:
             return state
         return dataclasses.replace(state, params=jax.tree_util.tree_map(self.to_host, state.params),
-                                   states=self.to_host(state.states))
+                                   states=self.to_host(state.states),
+                                   opt_state=jax.tree_util.tree_map(self.to_host, state.opt_state))
 
     # -- the step --------------------------------------------------------------
     def votes_fn(self):

@@ -4,19 +4,15 @@ One step: for each chunk of the population, draw each pair's noise (int8
 factors A, B per matrix; two int8 vectors per vector parameter), run the
 chunk's members (pair k: +A for member 2k, -A for 2k+1) through the model
 with ``model.forward``'s perturbation hook (which takes the factors per pair),
-score each member by its summed integer log-likelihood, shape the pair into ``F_k = sign(s_2k - s_2k+1)``
-and add the chunk's vote ``Z += sum_k F_k A_k B_k^T`` (one int8 GEMM with
-int32 accumulation). After the last chunk every weight whose |Z| passes the
-z-test threshold moves by sign(Z), clipped to [-127, 127].
-
-Everything on the device is integer; the thresholds are computed on the host
-once per step from alpha (``thresholds``).
+score each member by its summed integer log-likelihood, shape the pair into
+``F_k = sign(s_2k - s_2k+1)`` and add the chunk's vote ``Z += sum_k F_k A_k B_k^T``
+(one int8 GEMM with int32 accumulation). What the votes do to the weights is
+the update rule's business (``int_lm/optim``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import jax
 import jax.numpy as jnp
@@ -83,40 +79,6 @@ def check_limits(spec: EggrollSpec) -> None:
                         f"int32 vote; set es.chunk_size to at most {(2**31 // (127*127*spec.rank)) & ~1}")
 
 
-# ---------------------------------------------------------------------------
-# Parameter layout: which leaves are matrices (low-rank noise) and which vectors
-# ---------------------------------------------------------------------------
-
-def _leaves(shape: M.ModelShape):
-    """(path, shape, is_matrix) for every parameter in a fixed order; path index = parameter id."""
-    out = []
-    shapes = M.param_shapes(shape)
-    for name in ("embed", "head", "ln_out"):
-        out.append(((name,), shapes[name], is_matrix((name,))))
-    for name in sorted(shapes["layers"]):
-        out.append((("layers", name), shapes["layers"][name], is_matrix(("layers", name))))
-    return out
-
-
-def is_matrix(path) -> bool:
-    """Matrices take low-rank noise; vectors (norm weights, biases) full-rank noise."""
-    return path[0] in ("embed", "head") or path[-1] in M.LAYER_MATRICES
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree, path, value):
-    if len(path) == 1:
-        tree[path[0]] = value
-    else:
-        tree.setdefault(path[0], {})
-        _set(tree[path[0]], path[1:], value)
-
-
 def pair_axis(path) -> int:
     """Where a parameter's noise keeps its pair axis: after the layer axis for stacked layers."""
     return 1 if path[0] == "layers" else 0
@@ -132,7 +94,7 @@ def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
     """
     noise = {}
     r = spec.rank
-    for pid, (path, shape, matrix) in enumerate(_leaves(spec.shape)):
+    for pid, (path, shape, matrix) in enumerate(M.param_leaves(spec.shape)):
         if matrix:
             lead, (out, n) = shape[:-2], shape[-2:]
             a_shape, b_shape = lead + (r, out), lead + (r, n)
@@ -155,15 +117,15 @@ def member_model_inputs(spec: EggrollSpec, params, noise):
     member_params = {"embed": params["embed"], "head": params["head"], "layers": dict(params["layers"])}
     factors = {"layers": {}}
     for path, (a, b) in noise.items():
-        if is_matrix(path):  # low-rank factors, one per pair
-            _set(factors, path, (a, b))
+        if M.is_matrix(path):  # low-rank factors, one per pair
+            M.set_leaf(factors, path, (a, b))
             continue
-        base = _get(params, path)  # (D,) or (L, D); noise (P, D) or (L, P, D)
+        base = M.get_leaf(params, path)  # (D,) or (L, D); noise (P, D) or (L, P, D)
         prod = a.astype(jnp.int32) * b.astype(jnp.int32)
         delta = (jnp.expand_dims(prod, -2) * jnp.array([[1], [-1]], jnp.int32)) >> spec.vector_shift
         delta = delta.reshape(prod.shape[:-2] + (2 * prod.shape[-2], prod.shape[-1]))  # pairs -> members
         value = im.sat8(jnp.expand_dims(base, -2).astype(jnp.int32) + delta)
-        _set(member_params, path, value)
+        M.set_leaf(member_params, path, value)
     return member_params, factors
 
 
@@ -180,7 +142,7 @@ def vote(noise, fitness) -> dict:
         axis = pair_axis(path)
         f_shape = [1] * a.ndim
         f_shape[axis] = -1
-        if not is_matrix(path):
+        if not M.is_matrix(path):
             z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=axis)
             continue
         fa = a * f8.reshape(f_shape)  # |F A| <= 127: still int8
@@ -194,7 +156,7 @@ def vote(noise, fitness) -> dict:
 
 def zero_votes(spec: EggrollSpec) -> dict:
     return {path: (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32))
-            for path, shape, _ in _leaves(spec.shape)}
+            for path, shape, _ in M.param_leaves(spec.shape)}
 
 
 def accumulate(acc: dict, z: dict) -> dict:
@@ -209,51 +171,6 @@ def accumulate(acc: dict, z: dict) -> dict:
 def vote_value(hi, lo):
     """Z as int32: exact when |Z| < 2^30 - 2^20, else saturated (same sign, |Z| >= 2^30 - 2^20)."""
     return jnp.clip(hi, -HI_CLAMP, HI_CLAMP) * (1 << CARRY_BITS) + lo
-
-
-def alpha_at(step: int, alpha0: float, horizon: int) -> float:
-    """alpha_t = 1 / ((2^alpha0 - 1) t / T + 1) when alpha0 > 1, else the constant alpha0."""
-    if alpha0 <= 1:
-        return alpha0
-    return 1.0 / ((2.0 ** alpha0 - 1.0) * step / horizon + 1.0)
-
-
-def thresholds(alpha: float, population: int, rank: int) -> tuple[int, int]:
-    """Integer z-test thresholds (matrices, vectors) that move about an alpha share of weights.
-
-    Under random signs a matrix vote sums N/2 * r products of two noise values
-    (std 16 each), so std(Z) ~ 256 sqrt(N r / 2); a vector vote has r = 1.
-    """
-    z = NormalDist().inv_cdf(1.0 - alpha / 2.0) if alpha < 1 else 0.0
-    base = 256.0 * math.sqrt(population / 2.0)
-    return int(math.ceil(z * base * math.sqrt(rank))), int(math.ceil(z * base))
-
-
-def apply_update(params, votes, thr_matrix, thr_vector):
-    """Move each weight by sign(Z) where |Z| >= threshold; returns (params, stats)."""
-    new = {"layers": {}}
-    moved = {"matrix": jnp.int32(0), "vector": jnp.int32(0)}
-    totals = {"matrix": 0, "vector": 0}
-    saturated = jnp.int32(0)
-    for path, (hi, lo) in votes.items():
-        w = _get(params, path)
-        kind = "matrix" if is_matrix(path) else "vector"
-        z = vote_value(hi, lo)
-        thr = thr_matrix if kind == "matrix" else thr_vector
-        step = jnp.where(jnp.abs(z) >= thr, jnp.sign(z), 0)
-        w_new = im.sat8(w.astype(jnp.int32) + step)
-        moved[kind] = moved[kind] + jnp.sum((w_new != w).astype(jnp.int32))
-        totals[kind] += int(np.prod(w.shape))
-        saturated = saturated + jnp.sum((jnp.abs(w_new.astype(jnp.int32)) == im.INT8_MAX).astype(jnp.int32))
-        _set(new, path, w_new)
-    stats = {
-        "moved_matrix": moved["matrix"],
-        "moved_vector": moved["vector"],
-        "saturated": saturated,
-        "count_matrix": totals["matrix"],
-        "count_vector": totals["vector"],
-    }
-    return new, stats
 
 
 # ---------------------------------------------------------------------------
@@ -319,16 +236,3 @@ def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pai
     init = (states, zero_votes(spec), jnp.zeros((members,), jnp.int32))
     states, acc, scores = lax.fori_loop(0, n_chunks, body, init)
     return acc, scores, states
-
-
-def train_step(spec: EggrollSpec, params, states, tokens, seed, epoch, thr_matrix, thr_vector):
-    """One EGGROLL step on one device. Returns (params, states, scores, stats)."""
-    acc, scores, states = population_votes(spec, params, states, tokens, seed, epoch)
-    params, stats = apply_update(params, acc, thr_matrix, thr_vector)
-    return params, states, scores, stats
-
-
-def jit_train_step(spec: EggrollSpec):
-    """The jitted step; params and states buffers are donated (updated in place)."""
-    return jax.jit(lambda p, s, t, seed, epoch, tm, tv: train_step(spec, p, s, t, seed, epoch, tm, tv),
-                   donate_argnums=(0, 1))

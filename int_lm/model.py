@@ -56,6 +56,38 @@ def param_shapes(shape: ModelShape) -> dict:
     }
 
 
+def param_leaves(shape: ModelShape) -> list[tuple[tuple[str, ...], tuple[int, ...], bool]]:
+    """(path, shape, is_matrix) of every parameter in a fixed order; the index is the parameter id.
+
+    The order (embed, head, ln_out, then the layer parameters by name) fixes the
+    noise streams, so it is part of the integer semantics: never reorder it.
+    """
+    shapes = param_shapes(shape)
+    out = [((name,), shapes[name], is_matrix((name,))) for name in ("embed", "head", "ln_out")]
+    for name in sorted(shapes["layers"]):
+        out.append((("layers", name), shapes["layers"][name], is_matrix(("layers", name))))
+    return out
+
+
+def is_matrix(path) -> bool:
+    """Matrices take low-rank noise; vectors (norm weights, biases) full-rank noise."""
+    return path[0] in ("embed", "head") or path[-1] in LAYER_MATRICES
+
+
+def get_leaf(tree, path):
+    """``tree[path[0]][path[1]]...``: one parameter of a params-shaped tree."""
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def set_leaf(tree, path, value) -> None:
+    """Set one parameter of a (mutable) params-shaped dict tree, creating sections as needed."""
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
 def param_count(shape: ModelShape) -> int:
     return int(sum(np.prod(s) for s in jax.tree_util.tree_leaves(
         param_shapes(shape), is_leaf=lambda x: isinstance(x, tuple))))

@@ -4,7 +4,7 @@ Read top to bottom: :func:`train` sets up (tokenizer, corpus, baselines,
 model, population state, run directory), then loops over steps. Each step
 draws one batch of rows (one row per group of members), runs the population
 and votes (``eggroll.population_votes``), applies the integer update
-(``eggroll.apply_update``), and logs. Ctrl-C finishes the current step and
+(``optim``: the rule ``es.optimizer`` names), and logs. Ctrl-C finishes the current step and
 stops cleanly.
 """
 from __future__ import annotations
@@ -31,18 +31,9 @@ from int_lm import distributed as DIST
 from int_lm import eggroll as E
 from int_lm import intmath
 from int_lm import model as M
+from int_lm import optim, train_state
 from int_lm.errors import UserError
 from int_lm.logging import NullTracker, TensorBoardTracker
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Everything a run needs to continue exactly: the checkpoint saves this."""
-    params: dict            # int8 weights
-    states: jax.Array       # (L, N, D) int8 recurrent state of every population member
-    step: int               # steps completed
-    cursor: dict            # data stream position (JSON)
-    seed: int
 
 
 def resolve_model_config(cfg: C.Config, tokenizer) -> C.Config:
@@ -169,13 +160,12 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     # --- state -------------------------------------------------------------
     rows = es.population // es.group_size
     layout = DIST.Layout.create(spec)  # the population over every device; trivial on one device
-    state = TrainState(params=M.init_params(shape, tc.seed), states=M.init_state(shape, es.population),
-                       step=0, cursor={}, seed=tc.seed)
+    rule = optim.make(es)
+    state = train_state.init(shape, es.population, rule, tc.seed)
     stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, row_range=layout.row_range)
     if plan is not None:
         r = DIST.resume(plan, run_dir, tokenizer, corpus, log=log)
-        state = TrainState(jax.tree_util.tree_map(jnp.asarray, r.params), jnp.asarray(r.states),
-                           r.step, r.cursor, r.seed)
+        state = train_state.from_restored(r, rule)
         stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=r.cursor,
                                row_range=layout.row_range)
         CK.mark_tensorboard_restart(tracker, r.step)
@@ -190,7 +180,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
                               D.eval_slice_bytes(val_split, val_rows, val_len))
 
     votes_fn = layout.votes_fn()   # jit of E.population_votes; shard_map'd over the mesh if several devices
-    update_fn = jax.jit(E.apply_update, donate_argnums=(0,))
+    update_fn = jax.jit(rule.update, donate_argnums=(0, 1))
 
     log(summary_lines("int_lm: EGGROLL training", {
         "model": f"{shape.layers} layers x {shape.width} wide, V={shape.vocab_size} "
@@ -217,8 +207,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
         while state.step < tc.steps and not layout.agree_stop(interrupt["stop"]):
             step = state.step
             tokens_np = stream.next()
-            alpha = E.alpha_at(step, es.alpha, es.alpha_horizon)
-            thr_m, thr_v = E.thresholds(alpha, es.population, es.rank)
+            hyper, logged_hyper = rule.schedule(step)
             epoch = step // es.noise_reuse
 
             t0 = time.perf_counter()
@@ -226,12 +215,14 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
                                              np.uint32(tc.seed), np.uint32(epoch))
             scores = np.asarray(scores)
             t1 = time.perf_counter()
-            params, stats = update_fn(state.params, votes, np.int32(thr_m), np.int32(thr_v))
+            params, opt_state, stats = update_fn(state.opt_state, state.params, votes,
+                                                 {k: np.int32(v) for k, v in hyper.items()})
             stats = jax.tree_util.tree_map(int, stats)
             t2 = time.perf_counter()
             if compile_s is None:
                 compile_s = t2 - t0
-            state = TrainState(params, states, step + 1, stream.cursor(), tc.seed)
+            state = dataclasses.replace(state, params=params, states=states, opt_state=opt_state, step=step + 1,
+                                        cursor=stream.cursor())
             tokens_np = layout.all_rows(tokens_np)   # every process's rows, for the metrics
 
             member_bytes = token_bytes[tokens_np[:, 1:]].sum(axis=1).repeat(es.group_size)
@@ -243,9 +234,7 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
                 "update/moved_matrix_fraction": stats["moved_matrix"] / stats["count_matrix"],
                 "update/moved_vector_fraction": stats["moved_vector"] / stats["count_vector"],
                 "update/saturated_fraction": stats["saturated"] / (stats["count_matrix"] + stats["count_vector"]),
-                "update/alpha": alpha,
-                "update/threshold_matrix": thr_m,
-                "update/threshold_vector": thr_v,
+                **{f"update/{k}": v for k, v in logged_hyper.items()},
                 "perf/population_tokens_per_s": es.population * es.tokens_per_update / (t2 - t0),
                 "perf/forward_s": t1 - t0,
                 "perf/update_s": t2 - t1,
