@@ -41,7 +41,6 @@ import logging
 import os
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -542,18 +541,7 @@ class ResumePlan:
     metadata: dict
 
 
-def explicit_values(config_file: str | None, overrides: dict | None) -> dict[str, dict[str, Any]]:
-    """The keys the user set explicitly: an explicitly given config file, then the command line."""
-    out: dict[str, dict[str, Any]] = {}
-    if config_file:
-        C.load_file(config_file)  # raises the usual errors
-        values = tomllib.loads(C.find_file(config_file).read_text())
-        for section, entries in values.items():
-            if isinstance(entries, dict):
-                out.setdefault(section, {}).update(entries)
-    for section, entries in (overrides or {}).items():
-        out.setdefault(section, {}).update(entries)
-    return out
+explicit_values = C.explicit_values   # moved to config (which keys the user set); kept for callers
 
 
 def plan_resume(cfg: C.Config, overrides: dict[str, dict[str, Any]] | None = None) -> ResumePlan | None:

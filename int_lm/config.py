@@ -321,3 +321,17 @@ def resolve(config_file: str | None, argv: list[str]) -> tuple[Config, list[str]
     cfg = load_file(config_file) if config_file else Config()
     cfg = apply_values(cfg, values, "the command line")
     return cfg, rest
+
+
+def explicit_values(config_file: str | None, overrides: dict | None) -> dict[str, dict[str, Any]]:
+    """The keys the user set explicitly: an explicitly given config file, then the command line."""
+    out: dict[str, dict[str, Any]] = {}
+    if config_file:
+        load_file(config_file)  # raises the usual errors
+        values = tomllib.loads(find_file(config_file).read_text())
+        for section, entries in values.items():
+            if isinstance(entries, dict):
+                out.setdefault(section, {}).update(entries)
+    for section, entries in (overrides or {}).items():
+        out.setdefault(section, {}).update(entries)
+    return out
