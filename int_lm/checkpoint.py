@@ -369,12 +369,19 @@ class Checkpointer:
 
     ``keep``: how many committed checkpoints to keep. Old ones are deleted only
     after a newer save committed, never when a save fails.
+
+    ``writes_files=False``: a follower, for processes > 0 of a multi-process
+    run. It joins orbax's collective saves (all processes must call ``save`` at
+    the same steps; orbax writes the arrays and metadata from its primary host,
+    process 0) but writes no files of its own: the history file is process 0's.
     """
 
-    def __init__(self, run_dir: str | Path, keep: int, *, resume_step: int | None = None, log=print):
+    def __init__(self, run_dir: str | Path, keep: int, *, resume_step: int | None = None, log=print,
+                 writes_files: bool = True):
         self.run_dir = Path(run_dir)
         self.keep = max(1, int(keep))
         self.log = log
+        self.writes_files = writes_files
         self.root = checkpoint_dir(self.run_dir)
         self._pending: int | None = None
         self.last_saved: int | None = resume_step
@@ -382,7 +389,7 @@ class Checkpointer:
         self._history_written = 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            if resume_step is None:
+            if resume_step is None and writes_files:
                 _atomic_write(self.run_dir / HISTORY, "")      # a fresh run starts a fresh history
         except OSError as err:
             raise CheckpointError(f"cannot write checkpoints under {self.root} ({err.strerror}); "
@@ -500,6 +507,8 @@ class Checkpointer:
 
     # -- history -------------------------------------------------------------
     def append_history(self, history: list[dict]) -> None:
+        if not self.writes_files:
+            return
         new = history[self._history_written:]
         if new:
             _fsync_write(self.run_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in new), "a")
@@ -507,6 +516,8 @@ class Checkpointer:
 
     def history_until(self, step: int) -> list[dict]:
         """Logged history up to ``step`` (entries after it came from steps lost since the checkpoint)."""
+        if not self.writes_files:
+            return []
         path = self.run_dir / HISTORY
         out = []
         if path.is_file():

@@ -34,10 +34,11 @@ the global arrays with ``jax.make_array_from_process_local_data``. Logging,
 TensorBoard, metadata and history files come from process 0 only. Checkpoints
 are written once: every process gathers the (small, int8) state to the host
 and joins orbax's collective save, in which only process 0 writes the arrays
-(orbax's primary host); other processes use :class:`FollowerCheckpointer`,
-which writes no files of its own. The run directory must be on a filesystem
-all processes share. Every process restores the full checkpoint and keeps
-its own share; a checkpoint from N processes restores on one and vice versa.
+(orbax's primary host); other processes use a follower,
+``Checkpointer(..., writes_files=False)``, which writes no files of its own.
+The run directory must be on a filesystem all processes share. Every process
+restores the full checkpoint and keeps its own share; a checkpoint from N
+processes restores on one and vice versa.
 
 With one device in total nothing here is used: the trainer keeps its plain
 ``jax.jit`` path.
@@ -54,6 +55,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from int_lm import checkpoint as CK
 from int_lm import eggroll as E
 from int_lm.errors import UserError
 
@@ -333,42 +335,12 @@ class Layout:
 # ---------------------------------------------------------------------------
 
 def checkpointer(run_dir, keep: int, *, resume_step=None, log=print):
-    """The checkpointer for this process: the writer on process 0, a follower elsewhere."""
-    from int_lm import checkpoint as CK
-    if is_main():
-        return CK.Checkpointer(run_dir, keep, resume_step=resume_step, log=log)
-    return FollowerCheckpointer(run_dir, keep, resume_step=resume_step, log=log)
-
-
-def _follower_class():
-    from int_lm import checkpoint as CK
-
-    class _Follower(CK.Checkpointer):
-        """Joins orbax's collective saves (all processes must call save at the same steps; orbax
-        writes the arrays and metadata from its primary host, process 0) but writes no files of
-        its own: the history file is process 0's."""
-
-        def __init__(self, run_dir, keep, *, resume_step=None, log=print):
-            # resume_step=-1 only keeps the base class from starting a fresh history file.
-            super().__init__(run_dir, keep, resume_step=-1 if resume_step is None else resume_step, log=log)
-            self.last_saved = resume_step
-
-        def append_history(self, history):
-            pass
-
-        def history_until(self, step):
-            return []
-
-    return _Follower
-
-
-def FollowerCheckpointer(run_dir, keep: int, *, resume_step=None, log=print):  # noqa: N802 (a class factory)
-    return _follower_class()(run_dir, keep, resume_step=resume_step, log=log)
+    """The checkpointer for this process: the writer on process 0, a follower (no files of its own) elsewhere."""
+    return CK.Checkpointer(run_dir, keep, resume_step=resume_step, log=log, writes_files=is_main())
 
 
 def resume(plan, run_dir, tokenizer, corpus, log=print):
     """Every process restores the checkpoint; only process 0 moves newer ones aside and logs the resume."""
-    from int_lm import checkpoint as CK
     if is_main():
         restored = CK.resume(plan, run_dir, tokenizer, corpus, log=log)
     else:
