@@ -655,13 +655,8 @@ def resume(plan: ResumePlan, run_dir: str | Path, tokenizer, corpus, log=print) 
 
 
 def mark_tensorboard_restart(tracker, step: int) -> None:
-    """Tell TensorBoard to drop events logged after ``step`` by the interrupted process."""
-    writer = getattr(tracker, "_writer", None)
-    if writer is None:
-        return
-    from tensorboard.compat.proto import event_pb2
-    writer.add_event(event_pb2.Event(step=int(step) + 1,
-                                     session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    """Tell TensorBoard to drop events logged after ``step`` (alias of ``tracker.mark_restart``)."""
+    tracker.mark_restart(step)
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class NullTracker:
     def text(self, step: int, tag: str, value: str) -> None:
         pass
 
+    def mark_restart(self, step: int) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -106,6 +109,12 @@ class TensorBoardTracker(NullTracker):
                                         tensor_shape=tensor_shape_pb2.TensorShapeProto())
         meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
         self._write(step, [summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=meta)])
+
+    def mark_restart(self, step: int) -> None:
+        """Tell TensorBoard to drop events logged after ``step`` (by an interrupted process); on resume."""
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        with self._errors():
+            self._writer.add_event(event_pb2.Event(step=int(step) + 1, session_log=start))
 
     def flush(self) -> None:
         with self._errors():
