@@ -1,11 +1,11 @@
 """The training loop: data -> EGGROLL step -> metrics, validation, checkpoints.
 
-Read top to bottom: :func:`train` sets up (tokenizer, corpus, baselines,
-model, population state, run directory), then loops over steps. Each step
-draws one batch of rows (one row per group of members), runs the population
-and votes (``eggroll.population_votes``), applies the integer update
-(``optim``: the rule ``es.optimizer`` names), and logs. Ctrl-C finishes the current step and
-stops cleanly.
+:func:`build_run` sets up once (tokenizer, corpus, baselines, model, population
+state, run directory, resume) and returns a :class:`Run`; :func:`run_step` does
+one step: the next batch (one row per group of members), the population's votes
+(``eggroll.population_votes``) and the update rule's move (``optim``, the rule
+``es.optimizer`` names); :func:`train` is the loop, readable in one screen.
+Ctrl-C finishes the current step, saves and stops.
 """
 from __future__ import annotations
 
@@ -23,15 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from int_lm import __version__
-from int_lm import checkpoint as CK
+from int_lm import __version__, checkpoint, data, eggroll, intmath, optim, train_state
 from int_lm import config as C
-from int_lm import data as D
 from int_lm import distributed as DIST
-from int_lm import eggroll as E
-from int_lm import intmath
 from int_lm import model as M
-from int_lm import optim, train_state
 from int_lm.errors import UserError
 from int_lm.logging import NullTracker, TensorBoardTracker
 
@@ -115,28 +110,41 @@ def summary_lines(title: str, items: dict[str, Any]) -> str:
     return "\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in items.items()])
 
 
-def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
-          overrides: dict | None = None) -> dict[str, Any]:
-    """Train per ``cfg``; returns a summary dict (final metrics, paths, timings).
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs besides the train state, built once by :func:`build_run`."""
+    cfg: C.Config
+    shape: M.ModelShape
+    rule: optim.UpdateRule
+    layout: DIST.Layout
+    stream: Any              # data.BatchStream: this process's rows of each step
+    run_dir: Path
+    meta: dict               # metadata.json, also saved in every checkpoint
+    tracker: Any             # logging.TensorBoardTracker on process 0, NullTracker elsewhere
+    ckpt: Any                # checkpoint.Checkpointer (a follower on processes > 0)
+    validate: Any            # params -> validation bits/byte
+    val_ref: dict            # baseline bits/byte on the validation split
+    token_bytes: np.ndarray  # bytes per token id
+    votes_fn: Any            # jit of eggroll.population_votes (shard_map'd over a mesh)
+    update_fn: Any           # jit of rule.update
+    resumed: bool
+    progress: bool           # show a progress bar (process 0 only)
 
-    If ``cfg.train.run_dir`` has checkpoints the run resumes (``checkpoint.plan_resume``):
-    the saved config wins; ``overrides`` are the keys the user set explicitly
-    (None: every key of ``cfg``).
-    """
-    DIST.initialize(cfg.dist)      # joins a multi-process run if dist.* / JAX_* / SLURM say so
+
+def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
+              overrides: dict | None = None) -> tuple[Run, train_state.TrainState]:
+    """Set up a run (resuming ``cfg.train.run_dir`` if it has checkpoints): returns (run, first state)."""
     main = DIST.is_main()          # process 0 logs and writes the run's files
-    if not main:
-        log = lambda *a, **k: None  # noqa: E731
-    plan = CK.plan_resume(cfg, overrides)
+    plan = checkpoint.plan_resume(cfg, overrides)
     if plan is not None:
         cfg = dataclasses.replace(plan.config, dist=cfg.dist)  # this launch's processes, not the saved ones
     progress = (cfg.train.progress if progress is None else progress) and main
-    tokenizer = D.make_tokenizer(cfg.data)
+    tokenizer = data.make_tokenizer(cfg.data)
     cfg = resolve_model_config(cfg, tokenizer)
-    corpus = D.load_corpus(cfg.data, tokenizer, progress=progress)
+    corpus = data.load_corpus(cfg.data, tokenizer, progress=progress)
     shape = M.ModelShape.from_config(cfg.model)
-    spec = E.EggrollSpec.from_config(cfg)
-    E.check_limits(spec)
+    spec = eggroll.EggrollSpec.from_config(cfg)
+    eggroll.check_limits(spec)
     es, tc = cfg.es, cfg.train
 
     run_dir = Path(tc.run_dir)
@@ -152,137 +160,174 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
         (run_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
     tracker = tracker if tracker is not None else TensorBoardTracker(run_dir / "tb") if main else NullTracker()
 
-    ref = D.baselines(corpus, tokenizer)
+    ref = data.baselines(corpus, tokenizer)
     val_ref = {"unigram": ref["unigram"]["validation"], "bigram": ref["bigram"]["validation"]}
     if "compress" in ref:
         val_ref["compressor"] = ref["compress"]["validation"]["best"]
 
-    # --- state -------------------------------------------------------------
     rows = es.population // es.group_size
     layout = DIST.Layout.create(spec)  # the population over every device; trivial on one device
     rule = optim.make(es)
     state = train_state.init(shape, es.population, rule, tc.seed)
-    stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, row_range=layout.row_range)
+    cursor = None
     if plan is not None:
-        r = DIST.resume(plan, run_dir, tokenizer, corpus, log=log)
-        state = train_state.from_restored(r, rule)
-        stream = D.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=r.cursor,
-                               row_range=layout.row_range)
-        CK.mark_tensorboard_restart(tracker, r.step)
-    state = layout.place(state)
-    ckpt = DIST.checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log)
-    token_bytes = tokenizer.token_bytes()
+        restored = DIST.resume(plan, run_dir, tokenizer, corpus, log=log)
+        state, cursor = train_state.from_restored(restored, rule), restored.cursor
+        checkpoint.mark_tensorboard_restart(tracker, restored.step)
+    stream = data.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=cursor,
+                              row_range=layout.row_range)
 
     val_split = corpus.split("validation")
-    val_rows = max(1, min(16, cfg.data.val_tokens // 256))
+    val_rows = max(1, min(16, cfg.data.val_tokens // 256))   # up to 16 rows of >= 256 tokens
     val_len = max(1, min(cfg.data.val_tokens // val_rows, (len(val_split) - 1) // val_rows))
-    validate = make_validator(shape, D.eval_slice(val_split, val_rows, val_len),
-                              D.eval_slice_bytes(val_split, val_rows, val_len))
-
-    votes_fn = layout.votes_fn()   # jit of E.population_votes; shard_map'd over the mesh if several devices
-    update_fn = jax.jit(rule.update, donate_argnums=(0, 1))
-
+    validate = make_validator(shape, data.eval_slice(val_split, val_rows, val_len),
+                              data.eval_slice_bytes(val_split, val_rows, val_len))
+    run = Run(cfg=cfg, shape=shape, rule=rule, layout=layout, stream=stream, run_dir=run_dir, meta=meta,
+              tracker=tracker, validate=validate, val_ref=val_ref, token_bytes=tokenizer.token_bytes(),
+              ckpt=DIST.checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log),
+              votes_fn=layout.votes_fn(), update_fn=jax.jit(rule.update, donate_argnums=(0, 1)),
+              resumed=plan is not None, progress=progress)
     log(summary_lines("int_lm: EGGROLL training", {
         "model": f"{shape.layers} layers x {shape.width} wide, V={shape.vocab_size} "
                  f"({M.param_count(shape):,} int8 parameters)",
         "population": f"{es.population} ({es.population // 2} antithetic pairs, group size {es.group_size}, "
                       f"rank {es.rank}, sigma 2^-{es.sigma_shift})",
+        "update rule": es.optimizer,
         "tokens per step": f"{es.population * es.tokens_per_update:,} ({es.tokens_per_update} per member)",
         "data": f"{cfg.data.source} / {tokenizer.name}: {len(corpus.split('train')):,} train tokens",
         "baselines (val bits/byte)": ", ".join(f"{k} {v:.3f}" for k, v in val_ref.items()),
         "device": f"{meta['device']} x{jax.device_count()}" + (f" ({layout.describe()})" if layout.mesh else ""),
         "run dir": str(run_dir),
     }))
+    return run, layout.place(state)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    history: list[dict[str, float]] = ckpt.history_until(state.step) if plan is not None else []
-    val_bpb = float("nan")
-    t_start = time.perf_counter()
-    compile_s = None
-    with ckpt, stop_on_interrupt() as interrupt:
-        while state.step < tc.steps and not layout.agree_stop(interrupt["stop"]):
-            step = state.step
-            tokens_np = stream.next()
-            hyper, logged_hyper = rule.schedule(step)
-            epoch = step // es.noise_reuse
+def run_step(run: Run, state: train_state.TrainState) -> tuple[train_state.TrainState, dict[str, float]]:
+    """One EGGROLL step: the next batch, the population's votes, the rule's update; returns the metrics."""
+    es = run.cfg.es
+    tokens = run.stream.next()
+    hyper, logged_hyper = run.rule.schedule(state.step)
+    t0 = time.perf_counter()
+    votes, scores, states = run.votes_fn(state.params, state.states, run.layout.put_tokens(tokens),
+                                         np.uint32(state.seed), np.uint32(state.step // es.noise_reuse))
+    scores = np.asarray(scores)
+    t1 = time.perf_counter()
+    params, opt_state, stats = run.update_fn(state.opt_state, state.params, votes,
+                                             {k: np.int32(v) for k, v in hyper.items()})
+    stats = jax.tree_util.tree_map(int, stats)
+    t2 = time.perf_counter()
+    state = dataclasses.replace(state, params=params, states=states, opt_state=opt_state, step=state.step + 1,
+                                cursor=run.stream.cursor())
 
-            t0 = time.perf_counter()
-            votes, scores, states = votes_fn(state.params, state.states, layout.put_tokens(tokens_np),
-                                             np.uint32(tc.seed), np.uint32(epoch))
-            scores = np.asarray(scores)
-            t1 = time.perf_counter()
-            params, opt_state, stats = update_fn(state.opt_state, state.params, votes,
-                                                 {k: np.int32(v) for k, v in hyper.items()})
-            stats = jax.tree_util.tree_map(int, stats)
-            t2 = time.perf_counter()
-            if compile_s is None:
-                compile_s = t2 - t0
-            state = dataclasses.replace(state, params=params, states=states, opt_state=opt_state, step=step + 1,
-                                        cursor=stream.cursor())
-            tokens_np = layout.all_rows(tokens_np)   # every process's rows, for the metrics
-
-            member_bytes = token_bytes[tokens_np[:, 1:]].sum(axis=1).repeat(es.group_size)
-            bpb = -scores / 16.0 / np.maximum(member_bytes, 1)
-            metrics = {
-                "train/bits_per_byte_mean": float(bpb.mean()),
-                "train/bits_per_byte_min": float(bpb.min()),
-                "train/bits_per_byte_max": float(bpb.max()),
-                "update/moved_matrix_fraction": stats["moved_matrix"] / stats["count_matrix"],
-                "update/moved_vector_fraction": stats["moved_vector"] / stats["count_vector"],
-                "update/saturated_fraction": stats["saturated"] / (stats["count_matrix"] + stats["count_vector"]),
-                **{f"update/{k}": v for k, v in logged_hyper.items()},
-                "perf/population_tokens_per_s": es.population * es.tokens_per_update / (t2 - t0),
-                "perf/forward_s": t1 - t0,
-                "perf/update_s": t2 - t1,
-            }
-            if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
-                val_bpb = validate(layout.local(state.params))
-                metrics["val/bits_per_byte"] = val_bpb
-                for k, v in val_ref.items():
-                    metrics[f"val/baseline_{k}"] = v
-                for path in (("embed",), ("layers", "Wf"), ("head",)):
-                    leaf = state.params[path[0]] if len(path) == 1 else state.params[path[0]][path[1]]
-                    tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(leaf))
-            tracker.scalars(state.step, metrics)
-            history.append({"step": state.step, "time_s": time.perf_counter() - t_start, **metrics})
-            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                ckpt.save(layout.host_state(state), meta, history)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
-                                val="-" if np.isnan(val_bpb) else f"{val_bpb:.3f}", tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
-        ckpt.save_final(layout.host_state(state), meta, history)  # at the end and after Ctrl-C
-    if bar is not None:
-        bar.close()
-    tracker.flush()
-    elapsed = time.perf_counter() - t_start
-    last = history[-1] if history else {}
-    summary = {
-        "steps": state.step,
-        "interrupted": state.step < tc.steps,
-        "wall_s": elapsed,
-        "first_step_s": compile_s,
-        "train_bits_per_byte": last.get("train/bits_per_byte_mean"),
-        "val_bits_per_byte": val_bpb,
-        "baselines": val_ref,
-        "population_tokens_per_s": float(np.median([h["perf/population_tokens_per_s"] for h in history[1:]]))
-        if len(history) > 1 else None,
-        "run_dir": str(run_dir),
+    tokens = run.layout.all_rows(tokens)   # every process's rows, for the metrics
+    member_bytes = run.token_bytes[tokens[:, 1:]].sum(axis=1).repeat(es.group_size)
+    bpb = -scores / 16.0 / np.maximum(member_bytes, 1)    # scores are 1/16 bits
+    return state, {
+        "train/bits_per_byte_mean": float(bpb.mean()),
+        "train/bits_per_byte_min": float(bpb.min()),
+        "train/bits_per_byte_max": float(bpb.max()),
+        "update/moved_matrix_fraction": stats["moved_matrix"] / stats["count_matrix"],
+        "update/moved_vector_fraction": stats["moved_vector"] / stats["count_vector"],
+        "update/saturated_fraction": stats["saturated"] / (stats["count_matrix"] + stats["count_vector"]),
+        **{f"update/{k}": v for k, v in logged_hyper.items()},
+        "perf/population_tokens_per_s": es.population * es.tokens_per_update / (t2 - t0),
+        "perf/forward_s": t1 - t0,
+        "perf/update_s": t2 - t1,
     }
-    if main:
-        (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    log(summary_lines("int_lm: done" + (" (interrupted)" if summary["interrupted"] else ""), {
-        "steps": summary["steps"],
-        "wall clock": f"{elapsed:.1f} s",
-        "train bits/byte": f"{summary['train_bits_per_byte']:.4f}" if history else "-",
-        "val bits/byte": f"{val_bpb:.4f}",
-        "throughput": f"{summary['population_tokens_per_s'] or 0:,.0f} population-tokens/s",
-        "run dir": str(run_dir),
-    }))
-    summary["state"] = state
-    summary["history"] = history
-    return summary
+
+
+HISTOGRAMS = (("embed",), ("layers", "Wf"), ("head",))   # weight histograms written at each evaluation
+
+
+def evaluate(run: Run, state: train_state.TrainState) -> dict[str, float]:
+    """Validation bits/byte (with the baselines as reference lines); weight histograms to the tracker."""
+    val_bpb = run.validate(run.layout.local(state.params))
+    for path in HISTOGRAMS:
+        run.tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(M.get_leaf(state.params, path)))
+    return {"val/bits_per_byte": val_bpb, **{f"val/baseline_{k}": v for k, v in run.val_ref.items()}}
+
+
+class RunRecord:
+    """The run's record on this process: history, tracker scalars, the progress bar and the summary."""
+
+    def __init__(self, run: Run, state, progress: bool, log):
+        self.run, self.log = run, log
+        self.history: list[dict[str, Any]] = run.ckpt.history_until(state.step) if run.resumed else []
+        self.val_bpb = float("nan")
+        self.t_start = time.perf_counter()
+        self.first_step_s = None
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.cfg.train.steps, initial=state.step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = metrics["perf/forward_s"] + metrics["perf/update_s"]
+        self.val_bpb = metrics.get("val/bits_per_byte", self.val_bpb)
+        self.run.tracker.scalars(step, metrics)
+        self.history.append({"step": step, "time_s": time.perf_counter() - self.t_start, **metrics})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
+                                 val="-" if np.isnan(self.val_bpb) else f"{self.val_bpb:.3f}",
+                                 tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
+
+    def finish(self, state) -> dict[str, Any]:
+        """Close the bar, write history.jsonl, log and return the summary."""
+        if self.bar is not None:
+            self.bar.close()
+        self.run.tracker.flush()
+        elapsed = time.perf_counter() - self.t_start
+        history, steps = self.history, self.run.cfg.train.steps
+        last = history[-1] if history else {}
+        rates = [h["perf/population_tokens_per_s"] for h in history[1:]]
+        summary = {
+            "steps": state.step,
+            "interrupted": state.step < steps,
+            "wall_s": elapsed,
+            "first_step_s": self.first_step_s,
+            "train_bits_per_byte": last.get("train/bits_per_byte_mean"),
+            "val_bits_per_byte": self.val_bpb,
+            "baselines": self.run.val_ref,
+            "population_tokens_per_s": float(np.median(rates)) if rates else None,
+            "run_dir": str(self.run.run_dir),
+        }
+        if DIST.is_main():
+            (self.run.run_dir / checkpoint.HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
+        self.log(summary_lines("int_lm: done" + (" (interrupted)" if summary["interrupted"] else ""), {
+            "steps": summary["steps"],
+            "wall clock": f"{elapsed:.1f} s",
+            "train bits/byte": f"{summary['train_bits_per_byte']:.4f}" if history else "-",
+            "val bits/byte": f"{self.val_bpb:.4f}",
+            "throughput": f"{summary['population_tokens_per_s'] or 0:,.0f} population-tokens/s",
+            "run dir": str(self.run.run_dir),
+        }))
+        return {**summary, "state": state, "history": history}
+
+
+def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
+          overrides: dict | None = None) -> dict[str, Any]:
+    """Train per ``cfg``; returns a summary dict (final metrics, paths, timings, the final state).
+
+    If ``cfg.train.run_dir`` has checkpoints the run resumes (``checkpoint.plan_resume``):
+    the saved config wins; ``overrides`` are the keys the user set explicitly
+    (None: every key of ``cfg``).
+    """
+    DIST.initialize(cfg.dist)      # joins a multi-process run if dist.* / JAX_* / SLURM say so
+    if not DIST.is_main():
+        log = lambda *a, **k: None  # noqa: E731
+    run, state = build_run(cfg, tracker=tracker, progress=progress, log=log, overrides=overrides)
+    tc = run.cfg.train
+    record = RunRecord(run, state, run.progress, log)
+    with run.ckpt, stop_on_interrupt() as interrupt:
+        while state.step < tc.steps and not run.layout.agree_stop(interrupt["stop"]):
+            state, metrics = run_step(run, state)
+            if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
+                metrics.update(evaluate(run, state))
+            record.step(state.step, metrics)
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                run.ckpt.save(run.layout.host_state(state), run.meta, record.history)
+        run.ckpt.save_final(run.layout.host_state(state), run.meta, record.history)  # at the end and after Ctrl-C
+    return record.finish(state)
