@@ -128,16 +128,23 @@ def test_forward_has_no_floating_point_anywhere():
     fn = lambda p, s, i, t: M.forward(p, s, i, t, 0)
     jaxpr = jax.make_jaxpr(fn)(params, M.init_state(shape, 2), toks, toks)
 
+    def sub_jaxprs(value):
+        """The jaxprs inside one equation parameter (a Jaxpr, a ClosedJaxpr, or a tuple of them as in cond)."""
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                yield from sub_jaxprs(v)
+        elif hasattr(value, "eqns"):
+            yield value
+        elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+            yield value.jaxpr
+
     def all_vars(jx):
         for eqn in jx.eqns:
             yield from eqn.invars
             yield from eqn.outvars
-            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else []:
-                yield from all_vars(sub)
             for p in eqn.params.values():
-                inner = getattr(p, "jaxpr", None)
-                if inner is not None:
-                    yield from all_vars(getattr(inner, "jaxpr", inner))
+                for sub in sub_jaxprs(p):
+                    yield from all_vars(sub)
     dtypes = {str(v.aval.dtype) for v in all_vars(jaxpr.jaxpr) if hasattr(v, "aval")}
     assert dtypes and not any("float" in d for d in dtypes), dtypes
     hlo = jax.jit(fn).lower(params, M.init_state(shape, 2), toks, toks).as_text()
