@@ -12,7 +12,7 @@ parser and the tokenizers over random input.
 
 Shapes are drawn from small fixed sets so each jitted function compiles a few times
 only; example counts are modest (the file runs in well under a minute on 2 cores).
-``CI=1`` (or ``INT_LM_FUZZ_PROFILE=ci``) selects a derandomized profile: the same
+``CI=1`` (or ``INT_LM_FUZZ_PROFILE=int_lm-ci``) selects a derandomized profile: the same
 examples on every run.
 """
 from __future__ import annotations
