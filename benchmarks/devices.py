@@ -25,10 +25,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
 
 DEFAULTS = {"model": {"layers": 2, "width": 128}, "es": {"population": 512, "tokens_per_update": 64,
                                                          "chunk_size": 0}}
@@ -39,21 +37,19 @@ def worker(cfg, repeats: int) -> dict:
     import numpy as np
 
     from int_lm import distributed as DIST
-    from int_lm import eggroll as E
     from int_lm import model as M
+    from int_lm import optim
 
-    spec = E.EggrollSpec.from_config(cfg)
-    E.check_limits(spec)
+    spec = common.make_spec(cfg)
     shape = spec.shape
     layout = DIST.Layout.create(spec)
     rows = spec.population // spec.group_size
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, shape.vocab_size, (rows, cfg.es.tokens_per_update + 1), dtype=np.int32)
-               for _ in range(repeats + 1)]
+    batches = [common.random_tokens(rng, shape.vocab_size, rows, cfg.es.tokens_per_update + 1, low=0,
+                                    dtype=np.int32) for _ in range(repeats + 1)]
     params = layout.put_params(M.init_params(shape, 0))
     states = layout.put_states(M.init_state(shape, spec.population))
     votes_fn = layout.votes_fn()
-    from int_lm import optim
     rule = optim.make(dataclasses.replace(cfg.es, alpha=0.5))
     update_fn = jax.jit(rule.update, donate_argnums=(0, 1))
     opt_state = rule.init(params)
@@ -84,17 +80,13 @@ def worker(cfg, repeats: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    from int_lm import config as C
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", default="1,2,4", help="comma-separated device counts")
     parser.add_argument("--platform", default="cpu", help="cpu: virtual CPU devices; gpu/tpu: the real ones")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the first (compile) step")
     parser.add_argument("--json", action="store_true", help="print one JSON list")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    values, rest = C.parse_overrides(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(rest)
-    cfg = C.apply_values(C.apply_values(C.Config(), DEFAULTS, "benchmark defaults"), values, "the command line")
-    cfg = C.validate(cfg)
+    cfg, args, values = common.parse_config(parser, argv, DEFAULTS)
     if args.worker:
         print(json.dumps(worker(cfg, args.repeats)))
         return []

@@ -13,35 +13,15 @@ when other jobs share the machine.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from int_lm import eggroll as E  # noqa: E402
-from int_lm import model as M  # noqa: E402
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def bench(fn, *args, repeats: int):
-    """Best (CPU seconds, wall seconds) over ``repeats`` calls after a compiling call."""
-    jax.block_until_ready(fn(*args))
-    cpu = wall = float("inf")
-    for _ in range(repeats):
-        c0, w0 = cpu_seconds(), time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        cpu, wall = min(cpu, cpu_seconds() - c0), min(wall, time.perf_counter() - w0)
-    return cpu, wall
+from int_lm import backend
+from int_lm import eggroll as E
+from int_lm import model as M
 
 
 def main(argv=None) -> dict:
@@ -56,7 +36,7 @@ def main(argv=None) -> dict:
     b, t = args.members, args.tokens
     spec = E.EggrollSpec(shape, b, chunk_size=b)
     params = M.init_params(shape, 0)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 256, (b, t + 1)).astype(np.int32))
+    tokens = jnp.asarray(common.random_tokens(np.random.default_rng(0), 256, b, t + 1))
     states = M.init_state(shape, b)
     noise = E.make_noise(spec, 0, 0, jnp.arange(b // 2, dtype=jnp.int32))
     member_params, factors = E.member_model_inputs(spec, params, noise)
@@ -72,9 +52,10 @@ def main(argv=None) -> dict:
         "matrix factors only": (params, factors),
     }
     print(f"model {args.layers} x {args.width}, {b} members x {t} tokens, forward only")
+    print(f"CPU: {backend.describe_cpu()}")
     out = {}
     for name, (p, f) in cases.items():
-        cpu, wall = bench(jax.jit(fwd), p, f, states, tokens, repeats=args.repeats)
+        cpu, wall = common.best_cpu_and_wall(jax.jit(fwd), p, f, states, tokens, repeats=args.repeats)
         out[name] = cpu
         print(f"  {name:20s} CPU {cpu:7.3f} s  wall {wall:7.3f} s  {b * t / wall:>10,.0f} tok/s  "
               f"inference / this = {out['inference'] / cpu:.3f}")

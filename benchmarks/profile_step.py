@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from int_lm import config as C  # noqa: E402
-from int_lm import eggroll as E  # noqa: E402
-from int_lm import model as M  # noqa: E402
+from int_lm import backend
+from int_lm import eggroll as E
+from int_lm import model as M
 
 DEFAULTS = {"model": {"layers": 6, "width": 256}, "es": {"population": 1024, "tokens_per_update": 20,
                                                           "chunk_size": 0}}
@@ -74,14 +72,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top", type=int, default=15, help="operation kinds to list")
     parser.add_argument("--trace_dir", default=None, help="keep the traces here (default: a temporary folder)")
-    values, rest = C.parse_overrides(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(rest)
-    cfg = C.validate(C.apply_values(C.apply_values(C.Config(), DEFAULTS, "benchmark defaults"), values,
-                                    "the command line"))
-    spec = E.EggrollSpec.from_config(cfg)
-    E.check_limits(spec)
+    cfg, args, _ = common.parse_config(parser, argv, DEFAULTS)
+    spec = common.make_spec(cfg)
     shape, n, t = spec.shape, spec.population, cfg.es.tokens_per_update
-    tokens = np.random.default_rng(0).integers(1, shape.vocab_size, (n // spec.group_size, t + 1)).astype(np.int32)
+    tokens = common.random_tokens(np.random.default_rng(0), shape.vocab_size, n // spec.group_size, t + 1)
     member_tokens = np.repeat(tokens, spec.group_size, axis=0)
     params, states = M.init_params(shape, 0), M.init_state(shape, n)
     infer = jax.jit(lambda p, s, x: M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token)[0])
@@ -98,6 +92,7 @@ def main(argv=None) -> dict:
 
     print(f"model {shape.layers} x {shape.width}, population {n}, T={t}, chunk {spec.chunk}; "
           f"busy ms summed over threads (traces in {root})")
+    print(f"CPU: {backend.describe_cpu()}")
     print(f"{'operation kind':32s} {'inference':>10s} {'training':>10s}")
     for kind, _ in (infer_kinds + train_kinds).most_common(args.top):
         print(f"{kind:32s} {infer_kinds[kind] / 1e6:10.1f} {train_kinds[kind] / 1e6:10.1f}")

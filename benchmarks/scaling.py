@@ -15,6 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common  # noqa: F401 (puts this checkout's int_lm first on the path)
+
+from int_lm import backend
+
 HERE = Path(__file__).resolve().parent
 
 GRID = [  # (layers, width, population)
@@ -29,6 +33,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20, help="tokens per member per step")
     parser.add_argument("--chunk", type=int, default=256, help="es.chunk_size (0 = whole population)")
     args = parser.parse_args()
+    print(f"CPU: {backend.describe_cpu()}\n")
     print("| layers x width | population | inference tok/s | EGGROLL tok/s | train/infer | step s "
           "| compile s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -11,12 +11,28 @@ def test_throughput_harness_runs_and_reports_json():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model.layers", "1", "--model.width", "16",
          "--model.vocab_size", "32", "--es.population", "8", "--es.tokens_per_update", "4", "--repeats", "1",
-         "--naive", "--json"], capture_output=True, text=True, timeout=300, check=True)
+         "--naive", "--roofline", "--json"], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("infer_tokens_per_s", "train_tokens_per_s", "train_over_infer", "peak_rss_mb",
-                "naive_tokens_per_s", "eggroll_over_naive", "split_s", "compile_s"):
+                "naive_tokens_per_s", "eggroll_over_naive", "split_s", "compile_s", "cpu", "roofline", "breakdown_s"):
         assert key in result, key
     assert result["train_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert {"model", "flags", "source"} <= set(result["cpu"])
+    roof = result["roofline"]
+    assert roof["ops_per_token"]["dense"] == 2 * (12 * 1 * 16 * 16 + 32 * 16)  # 12 L D^2 + V D multiply-adds
+    assert set(roof["shapes"]) == {"D x D (Wf Uf Wh Uh)", "up 4D x D", "down D x 4D", "head V x D"}
+    assert roof["mix_int8_gops"] > 0 and roof["infer_of_int8"] > 0
+    for part in ("inference forward", "noise draw", "perturbed forward (both)", "fitness + vote", "update"):
+        wall, cpu = result["breakdown_s"][part]
+        assert wall > 0 and cpu >= 0, part
+
+
+def test_throughput_text_output_names_the_cpu():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model.layers", "1", "--model.width", "16",
+         "--model.vocab_size", "32", "--es.population", "8", "--es.tokens_per_update", "2", "--repeats", "0"],
+        capture_output=True, text=True, timeout=300, check=True)
+    assert "  CPU: " in out.stdout and "train/infer" in out.stdout, out.stdout
 
 
 def test_forward_overhead_benchmark_runs():
