@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,3 +53,13 @@ def test_profile_step_runs_and_finds_the_loop(tmp_path):
          "--trace_dir", str(tmp_path)], capture_output=True, text=True, timeout=300, check=True)
     assert "training outside the time loop" in out.stdout, out.stdout
     assert list(tmp_path.glob("training/plugins/profile/*/*.xplane.pb")), "no trace written"
+
+
+@pytest.mark.slow
+def test_xla_options_sweep_runs_one_variant():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "xla_options.py"), "--variants", "default", "--json",
+         "--model.layers", "1", "--model.width", "16", "--model.vocab_size", "32", "--es.population", "8",
+         "--es.tokens_per_update", "4", "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True)
+    (row,) = json.loads(out.stdout)
+    assert row["variant"] == "default" and row["bit_identical"] and row["int8_gops"] > 0
