@@ -39,6 +39,7 @@ import datetime
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -557,7 +558,8 @@ def main(argv=None) -> int:
     g.add_argument("--tokens", type=int, default=None, help="tokens per member per step (100)")
     g.add_argument("--repeats", type=int, default=None, help="timed rounds per throughput part (2)")
     g.add_argument("--train_s", type=float, default=None, help="training seconds after set-up (120)")
-    g.add_argument("--train_overrides", nargs="*", default=None, help="--section.key value pairs for train.py")
+    g.add_argument("--train_overrides", type=shlex.split, default=None,
+                   help='one string of --section.key value pairs for train.py: --train_overrides="--model.layers 1"')
     parser.add_argument("--parts", default="digests,throughput,training,roofline",
                         help="comma-separated parts to run (default: all)")
     parser.add_argument("--no_roofline", dest="roofline", action="store_false", help="skip the roofline part")
