@@ -81,7 +81,7 @@ def main(argv=None):
         else:
             print(EV.format_report(report))
 
-    return run_main(parser, body, argv)
+    return run_main(parser, body, argv, warn_when_output_lost=False)   # `eval.py ... | head` ends quietly
 
 
 def run_generate(args, loaded, data_cfg):

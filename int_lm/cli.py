@@ -1,45 +1,162 @@
-"""Shared plumbing of the entry points: config resolution and user-facing errors."""
+"""Shared plumbing of the entry points: config resolution, user-facing errors, output that never fails.
+
+:func:`run_main` parses, runs, and turns a :class:`UserError` into one ``error:`` line (exit 2).
+:func:`tolerant_output` makes ``sys.stdout`` and ``sys.stderr`` writes that cannot fail: a
+closed descriptor, a broken pipe (``| tee`` after Ctrl-C, ``| head``) or a terminal that is
+gone (EIO) switch that stream to ``/dev/null``, with at most one warning (:func:`warn`) to
+whichever stream still works. A run never ends, and a checkpoint is never skipped, because
+its output cannot be written.
+"""
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
+from contextlib import contextmanager
 
 from int_lm import config as C
 from int_lm.errors import UserError
 
+_WARNING = False     # a warning is being written (a stream lost while warning must not warn again)
 
-def run_main(parser, body, argv=None) -> int:
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr, else on stdout if stderr is gone; never raises."""
+    global _WARNING
+    if _WARNING:
+        return
+    _WARNING = True
+    try:
+        for stream in (sys.stderr, sys.stdout):
+            if stream is None or getattr(stream, "gone", False):
+                continue
+            try:
+                stream.write(f"warning: {message}\n")
+                stream.flush()
+            except (OSError, ValueError):
+                continue
+            if not getattr(stream, "gone", False):
+                return
+    finally:
+        _WARNING = False
+
+
+def _why(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+class TolerantStream:
+    """A text stream whose writes never raise: the first failure sends the descriptor to /dev/null."""
+
+    def __init__(self, stream, name: str, warn_when_lost: bool):
+        self.name, self.warn_when_lost = name, warn_when_lost
+        self.gone = stream is None               # closed before the program started: quietly nowhere
+        self._stream = open(os.devnull, "w") if stream is None else stream
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError) as err:
+                self._lost(err)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError) as err:
+                self._lost(err)
+
+    def _lost(self, err: BaseException) -> None:
+        self.gone = True
+        try:      # later writes, the buffered rest and the interpreter's final flush go to /dev/null
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+            self._stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self.warn_when_lost:
+            warn(f"cannot write to {self.name} ({_why(err)}); its output is dropped from now on, "
+                 f"the run goes on")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def tolerant_output(warn_when_lost: bool = True):
+    """``sys.stdout`` / ``sys.stderr`` as :class:`TolerantStream` for the duration (see the module doc)."""
+    for fd in (0, 1, 2):   # a descriptor closed at start would be reused by the next file opened: fill it
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            except OSError:
+                pass
+    saved = sys.stdout, sys.stderr
+    sys.stdout = TolerantStream(sys.stdout, "stdout", warn_when_lost)
+    sys.stderr = TolerantStream(sys.stderr, "stderr", warn_when_lost)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            stream.warn_when_lost = False   # still held by log handlers, flushed again at exit: quietly
+        sys.stdout, sys.stderr = saved
+
+
+def _line(err: BaseException) -> str:
+    """The error's message with its notes (e.g. what was saved) on one line."""
+    return "; ".join([str(err), *getattr(err, "__notes__", [])])
+
+
+def run_main(parser, body, argv=None, *, warn_when_output_lost: bool = True) -> int:
     """Parse ``--section.key value`` overrides plus the parser's own flags, then run ``body``.
 
-    A :class:`UserError` prints one ``error:`` line and exits 2 (traceback with --debug).
+    ``body(args, cfg)`` may return an exit status (None: 0). A :class:`UserError` prints one
+    ``error:`` line and exits 2 (traceback with --debug); a stop by a signal
+    (:class:`int_lm.stopping.Interrupted`) prints its line and exits 128 + the signal number.
+    Output runs through :func:`tolerant_output`.
     """
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    try:
-        values, rest = C.parse_overrides(argv)
-        args = parser.parse_args(rest)
-        # What the user set explicitly (a resumed run keeps its saved config for everything else).
-        args.overrides = values
-        args.config_given = any(a == "--config" or a.startswith("--config=") for a in rest)
-        cfg = C.load_file(args.config) if getattr(args, "config", None) else C.Config()
-        cfg = C.validate(C.apply_values(cfg, values, "the command line"))
-        body(args, cfg)
-        return 0
-    except UserError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        # A full disk or quota is the user's to fix wherever the write happened (history,
-        # metadata, TensorBoard, caches); anything else is a bug and keeps its traceback.
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or debug:
-            raise
-        where = f" writing {err.filename}" if err.filename else ""
-        print(f"error: no space left on device{where}; checkpoints already saved are kept; free disk "
-              f"space, then run the same command to resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with tolerant_output(warn_when_output_lost):
+        try:
+            values, rest = C.parse_overrides(argv)
+            args = parser.parse_args(rest)
+            # What the user set explicitly (a resumed run keeps its saved config for everything else).
+            args.overrides = values
+            args.config_given = any(a == "--config" or a.startswith("--config=") for a in rest)
+            cfg = C.load_file(args.config) if getattr(args, "config", None) else C.Config()
+            cfg = C.validate(C.apply_values(cfg, values, "the command line"))
+            status = body(args, cfg)
+            return status if isinstance(status, int) else 0
+        except UserError as err:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:
+            # A full disk or quota is the user's to fix wherever the write happened (metadata,
+            # caches, ...); anything else is a bug and keeps its traceback.
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT) or debug:
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            notes = "".join(f"; {n}" for n in getattr(err, "__notes__", []))
+            print(f"error: no space left on device{where}; checkpoints already saved are kept; free disk "
+                  f"space, then run the same command to resume{notes}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:   # Ctrl-C; a stop signal (int_lm.stopping.Interrupted) names itself
+            print(str(err) or "interrupted", file=sys.stderr)
+            return getattr(err, "exit_status", 130)

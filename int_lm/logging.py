@@ -3,21 +3,23 @@
 ``TensorBoardTracker`` writes TensorBoard event files with the ``tensorboard``
 package alone (its protobufs and ``EventFileWriter``; no TensorFlow), including
 weight histograms. ``NullTracker`` is for non-zero processes and tests.
+``TolerantTracker`` wraps either for a training run: metrics are a record of the
+run, never a reason to stop it, so a failed write (disk full, directory gone)
+warns once and switches the tracker off while training and checkpoints go on.
 """
 from __future__ import annotations
 
 import errno
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter, _AsyncWriterThread
 
-from int_lm.errors import UserError
+from int_lm.cli import warn
 
 
 class NullTracker:
@@ -42,7 +44,7 @@ class NullTracker:
 
 def _quiet_writer_threads() -> None:
     """TensorBoard's writer thread prints a traceback when a write fails (disk full); the main
-    thread reports the same error once, as a UserError, on its next write or flush."""
+    thread gets the same error on its next write or flush (and a TolerantTracker warns once)."""
     global _QUIET
     if _QUIET:
         return
@@ -63,32 +65,19 @@ _QUIET = False
 class TensorBoardTracker(NullTracker):
     """Scalars, histograms and text in ``log_dir`` (open it with ``tensorboard --logdir``).
 
-    A failed write (disk full, directory removed) raises a one-line
-    :class:`~int_lm.errors.UserError`; the caller's checkpoints are unaffected.
+    A failed write (disk full, directory removed) raises the OSError, here or on a
+    later call (the writer thread's); wrap it in a :class:`TolerantTracker` to go on without it.
     """
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = Path(log_dir)
         _quiet_writer_threads()
-        with self._errors():
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = EventFileWriter(str(log_dir))
-
-    @contextmanager
-    def _errors(self):
-        try:
-            yield
-        except OSError as err:
-            why = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
-                (err.strerror or str(err) or type(err).__name__)
-            raise UserError(f"cannot write TensorBoard events to {self.log_dir} ({why}); checkpoints already "
-                            f"saved are kept; free disk space (or fix the directory), then run the same "
-                            f"command to resume") from None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(log_dir))
 
     def _write(self, step: int, values: list) -> None:
         event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
-        with self._errors():
-            self._writer.add_event(event)
+        self._writer.add_event(event)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
@@ -113,16 +102,63 @@ class TensorBoardTracker(NullTracker):
     def mark_restart(self, step: int) -> None:
         """Tell TensorBoard to drop events logged after ``step`` (by an interrupted process); on resume."""
         start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        with self._errors():
-            self._writer.add_event(event_pb2.Event(step=int(step) + 1, session_log=start))
+        self._writer.add_event(event_pb2.Event(step=int(step) + 1, session_log=start))
 
     def flush(self) -> None:
-        with self._errors():
-            self._writer.flush()
+        self._writer.flush()
 
     def close(self) -> None:
-        with self._errors():
-            self._writer.close()
+        self._writer.close()
+
+
+class TolerantTracker(NullTracker):
+    """A tracker whose first failed write (an OSError: disk full, directory gone, while
+    opening it too) warns once, to wherever still works, and switches it off for the rest of
+    the run; nothing it does ever raises an OSError to the caller.
+
+    ``open_tracker``: makes the tracker (called here, guarded); ``what``: its name in the warning.
+    """
+
+    def __init__(self, open_tracker: Callable[[], NullTracker], what: str = "metrics"):
+        self.what = what
+        self.failed: OSError | None = None
+        self._tracker: NullTracker = NullTracker()
+        self._tracker = self._guard(open_tracker) or NullTracker()
+
+    def _guard(self, call):
+        if self.failed is not None:
+            return None
+        try:
+            return call()
+        except OSError as err:
+            self.failed = err
+            broken, self._tracker = self._tracker, NullTracker()
+            try:
+                broken.close()
+            except Exception:       # the same failure again: already reported
+                pass
+            why = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                (err.strerror or str(err) or type(err).__name__)
+            warn(f"cannot write {self.what} ({why}); training and checkpoints go on without them")
+            return None
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        self._guard(lambda: self._tracker.scalars(step, values))
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        self._guard(lambda: self._tracker.histogram(step, tag, values))
+
+    def text(self, step: int, tag: str, value: str) -> None:
+        self._guard(lambda: self._tracker.text(step, tag, value))
+
+    def mark_restart(self, step: int) -> None:
+        self._guard(lambda: self._tracker.mark_restart(step))
+
+    def flush(self) -> None:
+        self._guard(self._tracker.flush)
+
+    def close(self) -> None:
+        self._guard(self._tracker.close)
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -28,7 +28,7 @@ from int_lm import config as C
 from int_lm import distributed as DIST
 from int_lm import model as M
 from int_lm.errors import UserError
-from int_lm.logging import NullTracker, TensorBoardTracker
+from int_lm.logging import NullTracker, TensorBoardTracker, TolerantTracker
 
 
 def resolve_model_config(cfg: C.Config, tokenizer) -> C.Config:
@@ -120,7 +120,7 @@ class Run:
     stream: Any              # data.BatchStream: this process's rows of each step
     run_dir: Path
     meta: dict               # metadata.json, also saved in every checkpoint
-    tracker: Any             # logging.TensorBoardTracker on process 0, NullTracker elsewhere
+    tracker: Any             # logging.TolerantTracker: TensorBoard on process 0, nothing elsewhere
     ckpt: Any                # checkpoint.Checkpointer (a follower on processes > 0)
     validate: Any            # params -> validation bits/byte
     val_ref: dict            # baseline bits/byte on the validation split
@@ -158,7 +158,10 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
     meta = run_metadata(cfg, tokenizer, corpus, shape)
     if main:
         (run_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
-    tracker = tracker if tracker is not None else TensorBoardTracker(run_dir / "tb") if main else NullTracker()
+    if tracker is None and main:   # a failed write warns once and switches the tracker off; training goes on
+        tracker = TolerantTracker(lambda: TensorBoardTracker(run_dir / "tb"), f"TensorBoard events to {run_dir / 'tb'}")
+    else:
+        tracker = TolerantTracker(lambda given=tracker or NullTracker(): given, "metrics to the tracker")
 
     ref = data.baselines(corpus, tokenizer)
     val_ref = {"unigram": ref["unigram"]["validation"], "bigram": ref["bigram"]["validation"]}

@@ -304,19 +304,22 @@ def _tmpfs(path: Path, size: str) -> None:
 
 
 def test_tensorboard_on_a_full_disk(base, tmp_path):
-    """TensorBoard's writer thread fails on ENOSPC: one line, no thread traceback, checkpoints kept."""
+    """TensorBoard's writer fails on ENOSPC: one warning line, no thread traceback, and training
+    goes on to its last step and final checkpoint (metrics are a record, not a reason to stop)."""
     run_dir = tmp_path / "run"
     _tmpfs(run_dir / "tb", "12k")
     try:
         p, _ = run(base, Case("train.py", [*TINY, "--data.cache_dir", base["cache"], "--train.run_dir", str(run_dir),
-                                           "--train.steps", "200", "--train.checkpoint_every", "2",
+                                           "--train.steps", "30", "--train.checkpoint_every", "10",
                                            "--train.eval_every", "2"], []))
-        check_one_line_error(p, ["cannot write TensorBoard events", "no space left on device",
-                                 "checkpoints already saved are kept", "resume"])
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("warning: cannot write TensorBoard events"), p.stderr
+        assert "no space left on device" in lines[0] and "training and checkpoints go on" in lines[0]
         from int_lm import checkpoint as CK
-        steps = CK.list_steps(run_dir)
-        assert steps, "no checkpoint was saved before the disk filled"
-        CK.restore(run_dir, steps[-1])
+        assert CK.list_steps(run_dir)[-1] == 30
+        CK.restore(run_dir, 30)
     finally:
         subprocess.run(["umount", "-l", str(run_dir / "tb")], capture_output=True)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from int_lm.checkpoint.arrays import _flat
 from int_lm.checkpoint.export import export_model, load_model
 from int_lm.checkpoint.store import CheckpointError, list_steps, read_meta
+from int_lm.cli import tolerant_output
 from int_lm.errors import UserError
 
 
@@ -22,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p_list = sub.add_parser("list", help="show the checkpoints of a run directory (or an export's header)")
     p_list.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    with tolerant_output(warn_when_lost=False):     # `... | head` ends quietly
+        return _run(parser.parse_args(argv))
+
+
+def _run(args) -> int:
     try:
         if args.cmd == "export":
             model = load_model(args.run_dir, args.step)
