@@ -251,7 +251,12 @@ def evaluate(run: Run, state: train_state.TrainState) -> dict[str, float]:
 
 
 class RunRecord:
-    """The run's record on this process: history, tracker scalars, the progress bar and the summary."""
+    """The run's record on this process: history, tracker scalars, the progress bar and the summary.
+
+    ``history.jsonl`` gets each step's line as it is logged (appended and flushed; a resume
+    first cuts it back to the checkpoint's step), so a killed run leaves the history of every
+    step it completed.
+    """
 
     def __init__(self, run: Run, state, progress: bool, log):
         self.run, self.log = run, log
@@ -271,6 +276,7 @@ class RunRecord:
         self.val_bpb = metrics.get("val/bits_per_byte", self.val_bpb)
         self.run.tracker.scalars(step, metrics)
         self.history.append({"step": step, "time_s": time.perf_counter() - self.t_start, **metrics})
+        self.run.ckpt.append_history(self.history)        # flushed; a failed write warns and is retried
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
@@ -278,7 +284,7 @@ class RunRecord:
                                  tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
 
     def finish(self, state) -> dict[str, Any]:
-        """Close the bar, write history.jsonl, log and return the summary."""
+        """Close the bar, log and return the summary."""
         if self.bar is not None:
             self.bar.close()
         self.run.tracker.flush()
@@ -297,8 +303,6 @@ class RunRecord:
             "population_tokens_per_s": float(np.median(rates)) if rates else None,
             "run_dir": str(self.run.run_dir),
         }
-        if DIST.is_main():
-            (self.run.run_dir / checkpoint.HISTORY).write_text("".join(json.dumps(h) + "\n" for h in history))
         self.log(summary_lines("int_lm: done" + (" (interrupted)" if summary["interrupted"] else ""), {
             "steps": summary["steps"],
             "wall clock": f"{elapsed:.1f} s",

@@ -1,7 +1,8 @@
 """The orbax store: list, read and verify checkpoints; write them (asynchronously, atomically); GC.
 
-:class:`Checkpointer` saves under ``RUN_DIR/checkpoints`` and appends the logged
-history to ``RUN_DIR/history.jsonl`` at each save; with ``writes_files=False``
+:class:`Checkpointer` saves under ``RUN_DIR/checkpoints`` and keeps
+``RUN_DIR/history.jsonl``: appended and flushed at every step, synced to disk at
+every save, cut back to the checkpoint's step on resume; with ``writes_files=False``
 it is the follower of a multi-process run (joins orbax's collective saves,
 writes no files of its own). :func:`restore` reads one checkpoint back to host
 NumPy and verifies it (:mod:`int_lm.checkpoint.arrays`). Orbax, tensorstore
@@ -218,6 +219,27 @@ def _fsync_write(path: Path, text: str, mode: str = "w") -> None:
         os.fsync(f.fileno())
 
 
+def _append(path: Path, text: str, sync: bool) -> None:
+    """Append ``text`` (unbuffered; fsync if ``sync``); a failed write cuts the file back to where it was."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            data = memoryview(text.encode())
+            while data:
+                data = data[os.write(fd, data):]
+            if sync:
+                os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _fsync_write(tmp, text)
@@ -246,7 +268,8 @@ class Checkpointer:
         self._pending: int | None = None
         self.last_saved: int | None = resume_step
         self._mngr = None
-        self._history_written = 0
+        self._history_written = 0             # entries of the run's history already in history.jsonl
+        self._history_warned = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if resume_step is None and writes_files:
@@ -309,7 +332,7 @@ class Checkpointer:
             return
         if history is not None:
             try:
-                self.append_history(history)
+                self.append_history(history, sync=True)
             except OSError as err:
                 raise CheckpointError(f"saving the checkpoint at step {step}: cannot write "
                                       f"{self.run_dir / HISTORY} ({_short(err)}); earlier checkpoints are "
@@ -366,13 +389,30 @@ class Checkpointer:
         return False
 
     # -- history -------------------------------------------------------------
-    def append_history(self, history: list[dict]) -> None:
+    def append_history(self, history: list[dict], sync: bool = False) -> None:
+        """Append the entries of ``history`` not yet in history.jsonl, flushed (``sync``: and on disk).
+
+        A failed write leaves the file as it was. With ``sync`` (a save) it raises; without (every
+        step) it warns once and the entries go out with the next call: a log line is not worth a step.
+        """
         if not self.writes_files:
             return
-        new = history[self._history_written:]
-        if new:
-            _fsync_write(self.run_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in new), "a")
-            self._history_written = len(history)
+        path = self.run_dir / HISTORY
+        text = "".join(json.dumps(h) + "\n" for h in history[self._history_written:])
+        if not text and not sync:
+            return
+        try:
+            _append(path, text, sync)
+        except OSError as err:
+            if sync:
+                raise
+            if not self._history_warned:
+                self._history_warned = True
+                from int_lm.cli import warn
+                warn(f"cannot append to {path} ({_short(err)}); training goes on and retries at every step "
+                     f"(a checkpoint save fails if it still cannot write)")
+            return
+        self._history_written = len(history)
 
     def history_until(self, step: int) -> list[dict]:
         """Logged history up to ``step`` (entries after it came from steps lost since the checkpoint)."""
