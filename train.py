@@ -11,6 +11,10 @@ tracebacks for user errors. A run directory with checkpoints resumes exactly
 (``--train.resume_from STEP`` picks an older one). Several hosts: the same command on
 each with ``--dist.coordinator_address HOST:PORT --dist.num_processes N
 --dist.process_id I`` (or JAX_* / SLURM environment variables); see docs/distributed.md.
+
+Ctrl-C, ``kill`` (SIGTERM), a lost terminal (SIGHUP) or SLURM's ``--signal=USR1@120``
+finish the current step, save it and exit with 128 + the signal number (a second
+signal stops at once); run the same command to resume. See docs/checkpoints.md.
 """
 import argparse
 import sys
@@ -26,8 +30,10 @@ def main(argv=None):
 
     def body(args, cfg):
         from int_lm.checkpoint import explicit_values
+        from int_lm.stopping import exit_status
         from int_lm.trainer import train
-        train(cfg, overrides=explicit_values(args.config if args.config_given else None, args.overrides))
+        summary = train(cfg, overrides=explicit_values(args.config if args.config_given else None, args.overrides))
+        return exit_status(summary["signal"]) if summary["signal"] else 0
 
     return run_main(parser, body, argv)
 

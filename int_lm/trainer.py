@@ -4,18 +4,22 @@
 state, run directory, resume) and returns a :class:`Run`; :func:`run_step` does
 one step: the next batch (one row per group of members), the population's votes
 (``eggroll.population_votes``) and the update rule's move (``optim``, the rule
-``es.optimizer`` names); :func:`train` is the loop, readable in one screen.
-Ctrl-C finishes the current step, saves and stops.
+``es.optimizer`` names); :func:`train` is the loop, readable in one screen;
+:class:`RunRecord` keeps the run's record (``history.jsonl`` appended and flushed
+every step, tracker scalars, progress bar, summary).
+
+Stopping: SIGINT (Ctrl-C), SIGTERM, SIGHUP and SIGUSR1 finish the current step,
+save it and stop (:mod:`int_lm.stopping`); an exception in the loop first saves
+the state after the last completed step (:func:`save_after_error`). Output that
+cannot be written (a broken pipe, a full disk under ``tb/``) never stops a run
+(:class:`int_lm.logging.TolerantTracker`, :func:`int_lm.cli.tolerant_output`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import platform
-import signal
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from int_lm import __version__, checkpoint, data, eggroll, intmath, optim, train_state
+from int_lm import __version__, checkpoint, data, eggroll, intmath, optim, stopping, train_state
 from int_lm import config as C
 from int_lm import distributed as DIST
 from int_lm import model as M
@@ -60,28 +64,6 @@ def run_metadata(cfg: C.Config, tokenizer, corpus, shape: M.ModelShape) -> dict[
         "device_count": jax.device_count(),
         "param_count": M.param_count(shape),
     }
-
-
-@contextmanager
-def stop_on_interrupt():
-    """Ctrl-C sets a flag the loop checks after each step; a second Ctrl-C aborts at once."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr, flush=True)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no handler
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def make_validator(shape: M.ModelShape, block: np.ndarray, num_bytes: int):
@@ -255,7 +237,8 @@ class RunRecord:
 
     ``history.jsonl`` gets each step's line as it is logged (appended and flushed; a resume
     first cuts it back to the checkpoint's step), so a killed run leaves the history of every
-    step it completed.
+    step it completed. A context manager: the bar is closed and the tracker flushed however
+    the loop ends.
     """
 
     def __init__(self, run: Run, state, progress: bool, log):
@@ -283,18 +266,26 @@ class RunRecord:
                                  val="-" if np.isnan(self.val_bpb) else f"{self.val_bpb:.3f}",
                                  tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
 
-    def finish(self, state) -> dict[str, Any]:
-        """Close the bar, log and return the summary."""
+    def __enter__(self) -> "RunRecord":
+        return self
+
+    def __exit__(self, *exc) -> bool:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         self.run.tracker.flush()
+        return False
+
+    def finish(self, state, signal: str | None = None) -> dict[str, Any]:
+        """Log and return the summary (``signal``: the name of the signal that stopped the run, if any)."""
         elapsed = time.perf_counter() - self.t_start
         history, steps = self.history, self.run.cfg.train.steps
         last = history[-1] if history else {}
         rates = [h["perf/population_tokens_per_s"] for h in history[1:]]
         summary = {
             "steps": state.step,
-            "interrupted": state.step < steps,
+            "interrupted": state.step < steps or signal is not None,
+            "signal": signal,
             "wall_s": elapsed,
             "first_step_s": self.first_step_s,
             "train_bits_per_byte": last.get("train/bits_per_byte_mean"),
@@ -303,7 +294,8 @@ class RunRecord:
             "population_tokens_per_s": float(np.median(rates)) if rates else None,
             "run_dir": str(self.run.run_dir),
         }
-        self.log(summary_lines("int_lm: done" + (" (interrupted)" if summary["interrupted"] else ""), {
+        stopped = f" (stopped by {signal})" if signal else " (interrupted)" if summary["interrupted"] else ""
+        self.log(summary_lines("int_lm: done" + stopped, {
             "steps": summary["steps"],
             "wall clock": f"{elapsed:.1f} s",
             "train bits/byte": f"{summary['train_bits_per_byte']:.4f}" if history else "-",
@@ -311,7 +303,36 @@ class RunRecord:
             "throughput": f"{summary['population_tokens_per_s'] or 0:,.0f} population-tokens/s",
             "run dir": str(self.run.run_dir),
         }))
+        if signal:
+            saved = self.run.ckpt.last_saved
+            self.log(f"stopped by {signal} at step {state.step}; " + (
+                f"checkpoint {saved} is saved in {self.run.ckpt.root}; run the same command to resume"
+                if saved is not None else "nothing was trained, nothing to save"))
         return {**summary, "state": state, "history": history}
+
+
+def save_after_error(run: Run, state: train_state.TrainState, record: RunRecord, err: Exception) -> None:
+    """An exception in the loop: save ``state`` (the state after the last completed step) unless it
+    is saved already, and add a note to ``err`` saying what was saved."""
+    last = run.ckpt.last_saved
+    kept = f"the last checkpoint is step {last}" if last is not None else "no checkpoint was saved"
+    if isinstance(err, checkpoint.CheckpointError) or state.step == 0 or state.step == last:
+        return                                  # the store itself failed, or nothing new to save
+    if run.layout.multiprocess:
+        err.add_note(f"not saved after the error (the other processes cannot join a save now); {kept}")
+        return
+    leaves = jax.tree_util.tree_leaves((state.params, state.states, state.opt_state))
+    if any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
+        err.add_note(f"the state after step {state.step} was consumed by the failing step and could not be "
+                     f"saved; {kept}")
+        return
+    try:
+        run.ckpt.save_final(run.layout.host_state(state), run.meta, record.history)
+    except Exception as save_err:
+        err.add_note(f"saving the state after step {state.step} failed too ({save_err}); {kept}")
+        return
+    err.add_note(f"the state after step {state.step} (the last completed step) is saved as a checkpoint in "
+                 f"{run.ckpt.root}; run the same command to resume")
 
 
 def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
@@ -320,21 +341,29 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
 
     If ``cfg.train.run_dir`` has checkpoints the run resumes (``checkpoint.plan_resume``):
     the saved config wins; ``overrides`` are the keys the user set explicitly
-    (None: every key of ``cfg``).
+    (None: every key of ``cfg``). A stop signal (:mod:`int_lm.stopping`) during the loop
+    finishes the step, saves it and returns (``summary["signal"]`` names it); during
+    start-up it raises :class:`int_lm.stopping.Interrupted`.
     """
-    DIST.initialize(cfg.dist)      # joins a multi-process run if dist.* / JAX_* / SLURM say so
-    if not DIST.is_main():
-        log = lambda *a, **k: None  # noqa: E731
-    run, state = build_run(cfg, tracker=tracker, progress=progress, log=log, overrides=overrides)
-    tc = run.cfg.train
-    record = RunRecord(run, state, run.progress, log)
-    with run.ckpt, stop_on_interrupt() as interrupt:
-        while state.step < tc.steps and not run.layout.agree_stop(interrupt["stop"]):
-            state, metrics = run_step(run, state)
-            if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
-                metrics.update(evaluate(run, state))
-            record.step(state.step, metrics)
-            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                run.ckpt.save(run.layout.host_state(state), run.meta, record.history)
-        run.ckpt.save_final(run.layout.host_state(state), run.meta, record.history)  # at the end and after Ctrl-C
-    return record.finish(state)
+    with stopping.StopSignals() as stop:        # until stop.defer(): a signal stops at once, nothing to save
+        if DIST.initialize(cfg.dist):   # joins a multi-process run if dist.* / JAX_* / SLURM say so
+            stop.reinstall()            # over jax.distributed's own SIGTERM handler
+        if not DIST.is_main():
+            log = lambda *a, **k: None  # noqa: E731
+        run, state = build_run(cfg, tracker=tracker, progress=progress, log=log, overrides=overrides)
+        tc = run.cfg.train
+        stop.defer()                            # from here on: finish the step, save, then stop
+        with run.ckpt, RunRecord(run, state, run.progress, log) as record:
+            try:
+                while state.step < tc.steps and not run.layout.agree_stop(stop.requested):
+                    state, metrics = run_step(run, state)
+                    if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
+                        metrics.update(evaluate(run, state))
+                    record.step(state.step, metrics)
+                    if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                        run.ckpt.save(run.layout.host_state(state), run.meta, record.history)
+            except Exception as err:
+                save_after_error(run, state, record, err)
+                raise
+            run.ckpt.save_final(run.layout.host_state(state), run.meta, record.history)  # at the end, or stopped
+        return record.finish(state, stop.agreed(run.layout))
