@@ -5,3 +5,46 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+# ---------------------------------------------------------------------------
+# Shared by tests/test_checkpoint.py and tests/test_stopping.py: one environment (JAX's persistent
+# compilation cache and the data cache, so each `python train.py` subprocess takes seconds) and
+# one uninterrupted reference run at the tiny size that every resumed run must equal bit for bit.
+# ---------------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_STEPS, TINY_EVERY = 30, 3       # the reference run: 30 steps, a checkpoint every 3, validation every 4
+
+
+@pytest.fixture(scope="session")
+def tiny_env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny_env")
+    e = dict(os.environ)
+    e.update(JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+             JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             PYTHONUNBUFFERED="1")
+    return {"env": e, "cache": str(base / "data_cache")}
+
+
+def tiny_args(env) -> list[str]:
+    """The reference run's settings (the tiny config on 40 stdlib documents)."""
+    return ["--config", "configs/tiny.toml", "--data.max_docs", "40", "--data.val_tokens", "512",
+            "--data.cache_dir", env["cache"], "--train.checkpoint_every", str(TINY_EVERY), "--train.eval_every", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_straight(tiny_env, tmp_path_factory):
+    """RUN_DIR of an uninterrupted TINY_STEPS-step run (read it, never write into it: copy it first)."""
+    run_dir = tmp_path_factory.mktemp("tiny_straight") / "run"
+    p = subprocess.run([sys.executable, "train.py", "--train.run_dir", str(run_dir), *tiny_args(tiny_env),
+                        "--train.steps", str(TINY_STEPS)], cwd=ROOT, env=tiny_env["env"], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return run_dir

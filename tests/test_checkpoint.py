@@ -2,10 +2,11 @@
 
 Training runs go through the real entry point (``python train.py``) in
 subprocesses at the tiny size (configs/tiny.toml, 40 stdlib documents). A
-module-scoped straight run of STEPS steps is the reference every resumed run
-must equal bit for bit: int8 weights, every member's recurrent state, the data
-cursor, and every logged train/update metric. JAX's persistent compilation
-cache (one per test session) keeps each subprocess to a few seconds.
+straight run of STEPS steps (tests/conftest.py, shared with tests/test_stopping.py)
+is the reference every resumed run must equal bit for bit: int8 weights, every
+member's recurrent state, the data cursor, and every logged train/update metric.
+JAX's persistent compilation cache (one per test session) keeps each subprocess
+to a few seconds.
 """
 from __future__ import annotations
 
@@ -28,26 +29,20 @@ from int_lm import data as D
 from int_lm.errors import UserError
 
 import reference as ref
+from conftest import TINY_EVERY, TINY_STEPS, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 30          # the straight reference run; checkpoints every 3 steps, keep 3
-EVERY = 3
+STEPS = TINY_STEPS  # the straight reference run (30 steps); checkpoints every 3 steps, keep 3
+EVERY = TINY_EVERY
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ckpt_env")
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-             JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             PYTHONUNBUFFERED="1")
-    return {"env": e, "cache": str(base / "data_cache")}
+def env(tiny_env):
+    return tiny_env          # tests/conftest.py: shared with tests/test_stopping.py
 
 
 def base_args(env) -> list[str]:
-    return ["--config", "configs/tiny.toml", "--data.max_docs", "40", "--data.val_tokens", "512",
-            "--data.cache_dir", env["cache"], "--train.checkpoint_every", str(EVERY), "--train.eval_every", "4"]
+    return tiny_args(env)
 
 
 def train_cmd(run_dir, *args) -> list[str]:
@@ -102,11 +97,10 @@ def assert_same_history(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(env, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    run(train_cmd(run_dir, *base_args(env), "--train.steps", STEPS), env)
-    assert CK.list_steps(run_dir) == [STEPS - 2 * EVERY, STEPS - EVERY, STEPS]   # keep_checkpoints = 3
-    return run_dir
+def straight(tiny_straight):
+    """The reference: STEPS steps through train.py with base_args (tests/conftest.py, shared)."""
+    assert CK.list_steps(tiny_straight) == [STEPS - 2 * EVERY, STEPS - EVERY, STEPS]   # keep_checkpoints = 3
+    return tiny_straight
 
 
 # ---------------------------------------------------------------------------
