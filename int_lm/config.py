@@ -45,6 +45,11 @@ class ESConfig:
     chunk_size: int = 0            # members evaluated at once; 0 = whole population
     noise_reuse: int = 1           # steps that share one noise draw
     optimizer: str = "sign"        # update rule (int_lm/optim): "sign" = the paper's thresholded +-1 vote
+    fitness_levels: int = 1        # 1: F = sign of each pair's difference (published); L > 1: signed ranks in [-L, L]
+    momentum_shift: int = 2        # momentum rule: m <- m - m / 2^beta + vote (0: no momentum)
+    master_bits: int = 8           # momentum rule: fraction bits of the int16 master weights below the int8 weight
+    lr: float = 0.4                # momentum rule: int8 units per step for a momentum one std from zero
+    lr_power: float = 0.5          # momentum rule: lr_t = lr * alpha_t ^ lr_power (decays with the alpha schedule)
 
 
 @dataclass(frozen=True)
@@ -292,8 +297,13 @@ def validate(cfg: Config) -> Config:
              f"es.chunk_size must be even, a multiple of es.group_size and divide es.population, "
              f"got {es.chunk_size}")
     need(es.noise_reuse >= 1, f"es.noise_reuse must be >= 1, got {es.noise_reuse}")
-    from int_lm.optim import RULES  # here, not at the top: optim imports the model, which needs no config
-    need(es.optimizer in RULES, f"es.optimizer must be one of {', '.join(RULES)}, got {es.optimizer!r}")
+    need(1 <= es.fitness_levels <= 15, f"es.fitness_levels must be in [1, 15] (1 = sign shaping), got {es.fitness_levels}")
+    from int_lm import optim  # here, not at the top: optim imports the model, which needs no config
+    need(es.optimizer in optim.RULES, f"es.optimizer must be one of {', '.join(optim.RULES)}, got {es.optimizer!r}")
+    try:
+        optim.check_limits(es)
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     need(d.bpe_merges >= 0, f"data.bpe_merges must be >= 0, got {d.bpe_merges}")
     need(0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
          "data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")

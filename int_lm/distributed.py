@@ -309,11 +309,15 @@ class Layout:
         def local(params, states, tokens, seed, epoch):
             members = states.shape[1]
             first = lax.axis_index(AXIS) * members
+
+            def gather(scores):
+                """Every device's scores in place, on every device (a psum of disjoint int32 slices: exact)."""
+                placed = lax.dynamic_update_slice(jnp.zeros((spec.population,), scores.dtype), scores, (first,))
+                return lax.psum(placed, AXIS)
+
             acc, scores, states = E.population_votes(spec, params, states, tokens, seed, epoch,
-                                                     pair_offset=first // 2)
-            # every device's scores in place, on every device (a psum of disjoint int32 slices: exact)
-            everyone = lax.dynamic_update_slice(jnp.zeros((spec.population,), scores.dtype), scores, (first,))
-            return combine_votes(acc), lax.psum(everyone, AXIS), states
+                                                     pair_offset=first // 2, gather_scores=gather)
+            return combine_votes(acc), gather(scores), states
 
         # check_vma=False: population_votes' chunk loop starts from device-invariant zeros and is not
         # written for shard_map's varying-value types; the psum'd outputs are replicated by construction.

@@ -38,11 +38,12 @@ class EggrollSpec:
     sigma_shift: int = 4
     group_size: int = 2
     chunk_size: int = 0
+    fitness_levels: int = 1     # 1: F = sign(s_2k - s_2k+1) (published); L > 1: signed ranks in [-L, L]
 
     @classmethod
     def from_config(cls, cfg) -> "EggrollSpec":
         return cls(M.ModelShape.from_config(cfg.model), cfg.es.population, cfg.es.rank,
-                   cfg.es.sigma_shift, cfg.es.group_size, cfg.es.chunk_size)
+                   cfg.es.sigma_shift, cfg.es.group_size, cfg.es.chunk_size, cfg.es.fitness_levels)
 
     @property
     def chunk(self) -> int:
@@ -74,9 +75,11 @@ def check_limits(spec: EggrollSpec) -> None:
     if spec.rank * 127 * ((1 << spec.matrix_shift) - 1) >= 2 ** 31:
         raise UserError(f"es.rank={spec.rank} with es.sigma_shift={spec.sigma_shift} can overflow int32; "
                         f"lower es.sigma_shift or es.rank")
-    if (spec.chunk // 2) * spec.rank * 127 * 127 >= 2 ** 31 - 2 ** CARRY_BITS:
-        raise UserError(f"es.chunk_size={spec.chunk} x es.rank={spec.rank} is too large for an exact "
-                        f"int32 vote; set es.chunk_size to at most {(2**31 // (127*127*spec.rank)) & ~1}")
+    worst_pair = spec.rank * 127 * 127 * spec.fitness_levels   # |F_k a b| summed over r
+    if (spec.chunk // 2) * worst_pair >= 2 ** 31 - 2 ** CARRY_BITS:
+        raise UserError(f"es.chunk_size={spec.chunk} x es.rank={spec.rank} x es.fitness_levels="
+                        f"{spec.fitness_levels} is too large for an exact int32 vote; set es.chunk_size to at most "
+                        f"{(2 * ((2**31 - 2**CARRY_BITS) // worst_pair)) & ~1}")
 
 
 def pair_axis(path) -> int:
@@ -129,14 +132,48 @@ def member_model_inputs(spec: EggrollSpec, params, noise):
     return member_params, factors
 
 
-def shape_fitness(scores):
-    """Antithetic sign shaping: scores (2P,) -> F (P,) in {-1, 0, 1} (int32)."""
-    return jnp.sign(scores[0::2] - scores[1::2]).astype(jnp.int32)
+def shape_fitness(scores, levels: int = 1):
+    """Fitness of each antithetic pair from the members' scores (2P,): F (P,) int32 in [-levels, levels].
+
+    ``levels = 1`` is the published shaping, ``F_k = sign(s_2k - s_2k+1)``. With
+    ``levels = L > 1`` F keeps that sign and grows with the size of the difference:
+    ``F_k = sign(d_k) (1 + floor(L rank_k / P))``, rank_k the place of |d_k| among
+    all P pairs given (ties by pair order), so the quarter of pairs whose members
+    differ most weighs about L times the quarter that differs least. Ranks, not
+    the raw differences: robust to the scale of d, which varies with the text,
+    sigma and training time. Integers only (an int32 sort).
+    """
+    d = scores[0::2] - scores[1::2]
+    sign = jnp.sign(d).astype(jnp.int32)
+    if levels == 1:
+        return sign
+    p = d.shape[0]
+    order = jnp.argsort(jnp.abs(d), stable=True)
+    rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
+    return sign * (1 + (rank * levels) // p)
 
 
-def vote(noise, fitness) -> dict:
-    """Z = sum_k F_k A_k B_k^T per matrix (int8 GEMM, int32 sums); sum_k F_k a_k b_k per vector."""
-    f8 = fitness.astype(jnp.int8)
+def fitness_second_moment(pairs: int, levels: int) -> float:
+    """E[F^2] of ``shape_fitness`` over ``pairs`` pairs when no difference is 0 (host side).
+
+    The vote's null standard deviation scales with sqrt(E[F^2]); update rules use it
+    to calibrate thresholds and step sizes (1 for sign shaping).
+    """
+    if levels == 1:
+        return 1.0
+    q = 1 + (np.arange(pairs, dtype=np.int64) * levels) // pairs
+    return float(np.mean(q * q))
+
+
+def vote(noise, fitness, levels: int = 1) -> dict:
+    """Z = sum_k F_k A_k B_k^T per matrix (int8 GEMMs, int32 sums); sum_k F_k a_k b_k per vector.
+
+    With |F| <= 1 one int8 GEMM per matrix. For |F| <= levels > 1 the vote runs one
+    int8 GEMM per bit of |F| (F = sum_j 2^j sign(F) bit_j(|F|), each plane in {-1, 0, 1}),
+    so F A never leaves int8 and every partial sum is exact.
+    """
+    planes = max(1, int(levels).bit_length())
+    sign, mag = jnp.sign(fitness).astype(jnp.int8), jnp.abs(fitness)
     z = {}
     for path, (a, b) in noise.items():
         axis = pair_axis(path)
@@ -145,12 +182,17 @@ def vote(noise, fitness) -> dict:
         if not M.is_matrix(path):
             z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=axis)
             continue
-        fa = a * f8.reshape(f_shape)  # |F A| <= 127: still int8
         if a.ndim == 3:   # (P, r, out) x (P, r, n) -> (out, n)
             dims = (((0, 1), (0, 1)), ((), ()))
         else:             # (L, P, r, out) x (L, P, r, n) -> (L, out, n)
             dims = (((1, 2), (1, 2)), ((0,), (0,)))
-        z[path] = lax.dot_general(fa, b, dims, preferred_element_type=jnp.int32)
+        total = None
+        for j in range(planes):
+            f8 = fitness.astype(jnp.int8) if planes == 1 else sign * ((mag >> j) & 1).astype(jnp.int8)
+            fa = a * f8.reshape(f_shape)  # |F A| <= 127: still int8
+            part = lax.dot_general(fa, b, dims, preferred_element_type=jnp.int32)
+            total = part if total is None else total + (part << j)
+        z[path] = total
     return z
 
 
@@ -202,37 +244,59 @@ def draw_noise_fused(spec: EggrollSpec, seed, epoch, pairs, never) -> dict:
     return lax.cond(never, lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), draw)
 
 
-def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pair_offset=0):
+def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pair_offset=0,
+                     gather_scores=None):
     """All chunks of a (local) population: returns (votes (hi, lo), scores, states).
 
     ``states`` (L, B, D) and ``tokens`` (B / group_size, T+1) hold this device's
-    B members; ``pair_offset`` is the global id of its first pair.
+    B members; ``pair_offset`` is the global id of its first pair. With sign
+    shaping each chunk votes as soon as it is scored. Rank shaping
+    (``spec.fitness_levels > 1``) needs every pair's score first: a first pass
+    scores all chunks, ``gather_scores`` (identity on one device; the exact
+    all-device gather under ``shard_map``) gives the whole population's scores,
+    and a second pass redraws each chunk's noise (a pure function of its ids)
+    and votes with the ranked fitness.
     """
     members = states.shape[1]
     chunk = min(spec.chunk, members)
     n_chunks = members // chunk
     g = spec.group_size
+    ranked = spec.fitness_levels > 1
+
+    def chunk_noise(c, chunk_tokens):
+        pairs = pair_offset + c * chunk // 2 + jnp.arange(chunk // 2, dtype=jnp.int32)
+        return draw_noise_fused(spec, seed, epoch, pairs, chunk_tokens[0, 0] < 0)  # token ids are >= 0
 
     def run_chunk(c, states, acc):
         first = c * chunk
-        pairs = pair_offset + first // 2 + jnp.arange(chunk // 2, dtype=jnp.int32)
-        rows = (first + jnp.arange(chunk)) // g
-        chunk_tokens = tokens[rows]
-        noise = draw_noise_fused(spec, seed, epoch, pairs, chunk_tokens[0, 0] < 0)  # token ids are >= 0
+        chunk_tokens = tokens[(first + jnp.arange(chunk)) // g]
+        noise = chunk_noise(c, chunk_tokens)
         st = lax.dynamic_slice_in_dim(states, first, chunk, axis=1)
         scores, st = evaluate_members(spec, params, noise, st, chunk_tokens)
-        acc = accumulate(acc, vote(noise, shape_fitness(scores)))
+        if not ranked:
+            acc = accumulate(acc, vote(noise, shape_fitness(scores)))
         return lax.dynamic_update_slice_in_dim(states, st, first, axis=1), acc, scores
 
     if n_chunks == 1:
         states, acc, scores = run_chunk(0, states, zero_votes(spec))
+    else:
+        def body(c, carry):
+            states, acc, all_scores = carry
+            states, acc, scores = run_chunk(c, states, acc)
+            return states, acc, lax.dynamic_update_slice_in_dim(all_scores, scores, c * chunk, axis=0)
+
+        init = (states, zero_votes(spec), jnp.zeros((members,), jnp.int32))
+        states, acc, scores = lax.fori_loop(0, n_chunks, body, init)
+    if not ranked:
         return acc, scores, states
 
-    def body(c, carry):
-        states, acc, all_scores = carry
-        states, acc, scores = run_chunk(c, states, acc)
-        return states, acc, lax.dynamic_update_slice_in_dim(all_scores, scores, c * chunk, axis=0)
+    everyone = scores if gather_scores is None else gather_scores(scores)
+    fitness = lax.dynamic_slice_in_dim(shape_fitness(everyone, spec.fitness_levels), pair_offset, members // 2)
 
-    init = (states, zero_votes(spec), jnp.zeros((members,), jnp.int32))
-    states, acc, scores = lax.fori_loop(0, n_chunks, body, init)
+    def vote_chunk(c, acc):
+        chunk_tokens = lax.dynamic_slice_in_dim(tokens, c * chunk // g, max(1, chunk // g), axis=0)
+        f = lax.dynamic_slice_in_dim(fitness, c * chunk // 2, chunk // 2)
+        return accumulate(acc, vote(chunk_noise(c, chunk_tokens), f, spec.fitness_levels))
+
+    acc = lax.fori_loop(0, n_chunks, vote_chunk, zero_votes(spec)) if n_chunks > 1 else vote_chunk(0, acc)
     return acc, scores, states

@@ -8,6 +8,7 @@ import pytest
 
 from int_lm import model as M
 import reference as ref
+from integer_only import assert_integer_only
 
 
 def random_params(shape, seed, full_range=False):
@@ -118,34 +119,9 @@ def test_init_follows_spec_and_is_deterministic():
     np.testing.assert_array_equal(f(p1), f(p2))
 
 
-FLOAT_TYPES = re.compile(r"\b(f16|bf16|f32|f64|f8\w*|float\d*|bfloat16)\b")
-
-
 def test_forward_has_no_floating_point_anywhere():
     shape = M.ModelShape(256, 64, 2)
     params = M.init_params(shape, 0)
     toks = jnp.ones((2, 8), jnp.int32)
     fn = lambda p, s, i, t: M.forward(p, s, i, t, 0)
-    jaxpr = jax.make_jaxpr(fn)(params, M.init_state(shape, 2), toks, toks)
-
-    def sub_jaxprs(value):
-        """The jaxprs inside one equation parameter (a Jaxpr, a ClosedJaxpr, or a tuple of them as in cond)."""
-        if isinstance(value, (tuple, list)):
-            for v in value:
-                yield from sub_jaxprs(v)
-        elif hasattr(value, "eqns"):
-            yield value
-        elif hasattr(getattr(value, "jaxpr", None), "eqns"):
-            yield value.jaxpr
-
-    def all_vars(jx):
-        for eqn in jx.eqns:
-            yield from eqn.invars
-            yield from eqn.outvars
-            for p in eqn.params.values():
-                for sub in sub_jaxprs(p):
-                    yield from all_vars(sub)
-    dtypes = {str(v.aval.dtype) for v in all_vars(jaxpr.jaxpr) if hasattr(v, "aval")}
-    assert dtypes and not any("float" in d for d in dtypes), dtypes
-    hlo = jax.jit(fn).lower(params, M.init_state(shape, 2), toks, toks).as_text()
-    assert not FLOAT_TYPES.search(hlo), FLOAT_TYPES.search(hlo)
+    assert_integer_only(fn, params, M.init_state(shape, 2), toks, toks)

@@ -5,18 +5,28 @@ pure ``init`` / ``schedule`` / ``update`` functions over an explicit integer sta
 (int32 or smaller, saved in checkpoints). ``es.optimizer`` picks one:
 
 * ``sign`` (:mod:`.sign`): the paper's thresholded +-1 vote, no state (the published recipe).
+* ``momentum`` (:mod:`.momentum`): integer momentum of the normalised votes moving int16
+  master weights (``es.master_bits`` below the int8 weight) by linear, unthresholded steps.
 
 To add a rule: a module here with ``make(es)``, one line in :data:`RULES`, its
 settings in ``config.ESConfig``, and a NumPy twin of its update in ``tests/test_optim.py``.
 """
 from __future__ import annotations
 
-from int_lm.optim import sign
+from int_lm.optim import momentum, sign
 from int_lm.optim.base import UpdateRule, alpha_at, thresholds  # noqa: F401 (the public API)
 
 RULES = {
     "sign": sign.make,
+    "momentum": momentum.make,
 }
+
+
+def check_limits(es) -> None:
+    """Refuse the chosen rule's settings outside its documented bounds (a UserError naming the key)."""
+    module = {"sign": sign, "momentum": momentum}[es.optimizer]
+    if hasattr(module, "check_limits"):
+        module.check_limits(es)
 
 
 def make(es) -> UpdateRule:

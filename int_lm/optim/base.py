@@ -41,15 +41,34 @@ def z_value(alpha: float) -> float:
     return NormalDist().inv_cdf(1.0 - alpha / 2.0) if alpha < 1 else 0.0
 
 
-def thresholds(alpha: float, population: int, rank: int) -> tuple[int, int]:
-    """Integer z-test thresholds (matrices, vectors) that move about an alpha share of weights.
+def vote_sigmas(population: int, rank: int, fitness_levels: int = 1) -> tuple[float, float]:
+    """Standard deviation of a vote entry under random fitness: (matrices, vectors).
 
-    Under random signs a matrix vote sums N/2 * r products of two noise values
-    (std 16 each), so std(Z) ~ 256 sqrt(N r / 2); a vector vote has r = 1.
+    A matrix vote sums N/2 * r products of two noise values (std 16 each) times F_k,
+    so std(Z) = 256 sqrt(N r E[F^2] / 2); a vector vote has r = 1. E[F^2] = 1 for
+    sign shaping (``eggroll.fitness_second_moment``).
     """
+    f2 = E.fitness_second_moment(population // 2, fitness_levels)
+    base = 256.0 * math.sqrt(population / 2.0 * f2)
+    return base * math.sqrt(rank), base
+
+
+def thresholds(alpha: float, population: int, rank: int, fitness_levels: int = 1) -> tuple[int, int]:
+    """Integer z-test thresholds (matrices, vectors) that move about an alpha share of weights."""
     z = z_value(alpha)
-    base = 256.0 * math.sqrt(population / 2.0)
-    return int(math.ceil(z * base * math.sqrt(rank))), int(math.ceil(z * base))
+    sigma_m, sigma_v = vote_sigmas(population, rank, fitness_levels)
+    return int(math.ceil(z * sigma_m)), int(math.ceil(z * sigma_v))
+
+
+def round_shift(x, shift: int):
+    """x / 2^shift rounded to nearest, halves away from zero: unbiased for symmetric x (|x| < 2^31 - 2^shift).
+
+    A plain ``>>`` floors, a bias of -1/2 unit per use that a long sum of small
+    steps would turn into a drift of every weight.
+    """
+    if shift == 0:
+        return x
+    return jnp.sign(x) * ((jnp.abs(x) + (1 << (shift - 1))) >> shift)
 
 
 def vote_values(votes: dict) -> dict:

@@ -12,14 +12,14 @@ from int_lm.optim import base
 
 
 def make(es) -> base.UpdateRule:
-    """The sign rule for ``es`` (an ``ESConfig``: population, rank, alpha, alpha_horizon)."""
+    """The sign rule for ``es`` (an ``ESConfig``: population, rank, fitness_levels, alpha, alpha_horizon)."""
 
     def init(params):
         return {}
 
     def schedule(step):
         alpha = base.alpha_at(step, es.alpha, es.alpha_horizon)
-        thr_m, thr_v = base.thresholds(alpha, es.population, es.rank)
+        thr_m, thr_v = base.thresholds(alpha, es.population, es.rank, es.fitness_levels)
         hyper = {"threshold_matrix": thr_m, "threshold_vector": thr_v}
         return hyper, {"alpha": alpha, **hyper}
 
