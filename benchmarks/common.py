@@ -24,10 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from int_lm import backend  # noqa: E402
-from int_lm import config as C  # noqa: E402
-from int_lm import eggroll as E  # noqa: E402
-from int_lm import model as M  # noqa: E402
+from int_lm import backend, config, eggroll, model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -39,16 +36,17 @@ def parse_config(parser: argparse.ArgumentParser, argv, defaults: dict):
 
     Returns (validated Config, the parser's own args, the override values as given).
     """
-    values, rest = C.parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    values, rest = config.parse_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
-    cfg = C.apply_values(C.apply_values(C.Config(), defaults, "benchmark defaults"), values, "the command line")
-    return C.validate(cfg), args, values
+    cfg = config.apply_values(config.apply_values(config.Config(), defaults, "benchmark defaults"), values,
+                              "the command line")
+    return config.validate(cfg), args, values
 
 
-def make_spec(cfg) -> E.EggrollSpec:
+def make_spec(cfg) -> eggroll.EggrollSpec:
     """The EGGROLL spec of ``cfg``, refused (UserError) where int32 could overflow."""
-    spec = E.EggrollSpec.from_config(cfg)
-    E.check_limits(spec)
+    spec = eggroll.EggrollSpec.from_config(cfg)
+    eggroll.check_limits(spec)
     return spec
 
 
@@ -134,7 +132,7 @@ def machine() -> dict:
 # The GEMM roofline: XLA's dot rates at the model's shapes
 # ---------------------------------------------------------------------------
 
-def model_gemms(shape: M.ModelShape) -> list[tuple[str, int, int, int]]:
+def model_gemms(shape: model.ModelShape) -> list[tuple[str, int, int, int]]:
     """The weight matmuls of one token step per member row: (name, count, n (inner), out).
 
     Per layer: Wf, Uf, Wh, Uh (D x D), up (4D x D), down (D x 4D); then the head (V x D).
@@ -145,7 +143,7 @@ def model_gemms(shape: M.ModelShape) -> list[tuple[str, int, int, int]]:
             ("down D x 4D", layers, 4 * d, d), ("head V x D", 1, d, v)]
 
 
-def ops_per_token(shape: M.ModelShape, rank: int = 1) -> dict:
+def ops_per_token(shape: model.ModelShape, rank: int = 1) -> dict:
     """Operations per member per token, counting 2 per multiply-add of the weight matmuls.
 
     ``dense``: the matmuls inference and every member do (12 L D^2 + V D multiply-adds).
@@ -176,7 +174,7 @@ def dot_seconds(fn, rows: int, n: int, out: int, dtype, repeats: int, seed: int 
     return timed(jax.jit(fn), x, w, repeats=max(repeats, 1))[1]
 
 
-def gemm_roofline(shape: M.ModelShape, rows: int, repeats: int = 20) -> dict:
+def gemm_roofline(shape: model.ModelShape, rows: int, repeats: int = 20) -> dict:
     """XLA's int8 x int8 -> int32 and float32 GEMM rates at the model's shapes, ``rows`` member rows.
 
     Per shape: GOP/s of each. ``mix``: the rate of one token step's matmuls in the

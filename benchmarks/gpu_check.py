@@ -117,12 +117,12 @@ def digest_forward() -> dict:
     import jax
     import numpy as np
 
-    from int_lm import model as M
-    shape = M.ModelShape(256, 128, 2)
-    params = M.init_params(shape, 0)
+    from int_lm import model
+    shape = model.ModelShape(256, 128, 2)
+    params = model.init_params(shape, 0)
     block = token_block(4, 129)
-    fwd = jax.jit(lambda p, s, x, y: M.forward(p, s, x, y, shape.boundary_token, return_logits=True))
-    ll, states, logits = fwd(params, M.init_state(shape, 4), block[:, :-1], block[:, 1:])
+    fwd = jax.jit(lambda p, s, x, y: model.forward(p, s, x, y, shape.boundary_token, return_logits=True))
+    ll, states, logits = fwd(params, model.init_state(shape, 4), block[:, :-1], block[:, 1:])
     return {"init_weights": sha256_of(tree_items(params)), "logits": sha256_of([("logits", logits)]),
             "log_likelihood": sha256_of([("ll", ll)]), "states": sha256_of([("states", states)]),
             "ll_sum": int(np.asarray(ll, np.int64).sum())}
@@ -130,8 +130,8 @@ def digest_forward() -> dict:
 
 def step_config():
     """The (b) setting: 2 x 128, N = 256 in 2 chunks of 128, rank 1, sigma 2^-4, alpha 0.5, the sign rule."""
-    from int_lm import config as C
-    return C.validate(C.apply_values(C.Config(), {
+    from int_lm import config
+    return config.validate(config.apply_values(config.Config(), {
         "model": {"layers": 2, "width": 128, "vocab_size": 256},
         "es": {"population": 256, "rank": 1, "sigma_shift": 4, "alpha": 0.5, "group_size": 2,
                "tokens_per_update": 16, "chunk_size": 128, "optimizer": "sign"},
@@ -143,22 +143,22 @@ def digest_step() -> dict:
     import jax
     import numpy as np
 
-    from int_lm import eggroll as E
-    from int_lm import model as M
+    from int_lm import eggroll
+    from int_lm import model
     from int_lm import optim
     cfg = step_config()
-    spec = E.EggrollSpec.from_config(cfg)
-    E.check_limits(spec)
+    spec = eggroll.EggrollSpec.from_config(cfg)
+    eggroll.check_limits(spec)
     shape = spec.shape
-    params = M.init_params(shape, 0)
+    params = model.init_params(shape, 0)
     tokens = token_block(spec.population // spec.group_size, cfg.es.tokens_per_update + 1, salt=7)
-    votes_fn = jax.jit(lambda p, s, x, seed, epoch: E.population_votes(spec, p, s, x, seed, epoch))
-    votes, scores, states = votes_fn(params, M.init_state(shape, spec.population), tokens, np.uint32(7),
+    votes_fn = jax.jit(lambda p, s, x, seed, epoch: eggroll.population_votes(spec, p, s, x, seed, epoch))
+    votes, scores, states = votes_fn(params, model.init_state(shape, spec.population), tokens, np.uint32(7),
                                      np.uint32(3))
     rule = optim.make(cfg.es)
     hyper = {k: np.int32(v) for k, v in rule.schedule(0)[0].items()}
     new_params, _, stats = jax.jit(rule.update)(rule.init(params), params, votes, hyper)
-    z = {"/".join(path): np.asarray(hi, np.int64) * (1 << E.CARRY_BITS) + np.asarray(lo, np.int64)
+    z = {"/".join(path): np.asarray(hi, np.int64) * (1 << eggroll.CARRY_BITS) + np.asarray(lo, np.int64)
          for path, (hi, lo) in votes.items()}  # the exact sum Z, whatever its carried representation
     return {"votes": sha256_of(tree_items(z)), "scores": sha256_of([("scores", scores)]),
             "states": sha256_of([("states", states)]), "weights": sha256_of(tree_items(new_params)),
@@ -170,10 +170,10 @@ def digest_train(workdir: Path) -> dict:
     """(c) 5 steps of configs/tiny.toml via ``trainer.train`` on a generated corpus (sign rule)."""
     import numpy as np
 
-    from int_lm import config as C
+    from int_lm import config
     from int_lm.trainer import train
     corpus = write_corpus(workdir / "corpus")
-    cfg = C.validate(C.apply_values(C.load_file(ROOT / "configs" / "tiny.toml"), {
+    cfg = config.validate(config.apply_values(config.load_file(ROOT / "configs" / "tiny.toml"), {
         "es": {"optimizer": "sign"},
         "data": {"source": str(corpus), "cache_dir": str(workdir / "cache")},
         "train": {"steps": 5, "run_dir": str(workdir / "run"), "progress": False},
@@ -296,7 +296,7 @@ def throughput_part(sizes: dict, population: int, env: dict, timeout: float, roo
         return r
     keep = ("population", "chunk_size", "tokens_per_update", "infer_tokens_per_s", "infer_one_batch_tokens_per_s",
             "train_tokens_per_s", "train_over_infer", "step_s", "split_s", "compile_s", "device_peak_mb",
-            "peak_rss_mb", "device", "backend", "wall_s", "roofline", "breakdown_s")
+            "peak_rss_mb", "device", "backend", "wall_s", "cpu_s", "train_over_infer_cpu", "roofline", "breakdown_s")
     return {"ok": True, **{k: r[k] for k in keep if k in r}}
 
 

@@ -41,9 +41,9 @@ def worker(harness_args: list[str]) -> dict:
     import gpu_check
     import throughput
 
-    from int_lm import model as M
+    from int_lm import model
     harness = throughput.main(harness_args + ["--json"])
-    shape = M.ModelShape(harness["model"]["vocab"], harness["model"]["width"], harness["model"]["layers"])
+    shape = model.ModelShape(harness["model"]["vocab"], harness["model"]["width"], harness["model"]["layers"])
     rates = common.gemm_roofline(shape, harness["chunk_size"], repeats=20)
     golden = gpu_check.load_golden() or {}
     items = gpu_check.compare({"a_forward": gpu_check.digest_forward(), "b_step": gpu_check.digest_step()}, golden)
@@ -89,9 +89,10 @@ def main(argv=None) -> list[dict]:
         else:
             row = {"variant": name, "xla_flags": flags, **json.loads(proc.stdout.strip().splitlines()[-1])}
             if not args.json:
+                cpu = row["cpu_s"]
                 print(f"| {name} | `{flags or '(none)'}` | {row['int8_gops']:,.0f} | {row['float32_gflops']:,.0f} | "
                       f"{row['infer_tokens_per_s']:,.0f} | {row['train_tokens_per_s']:,.0f} | "
-                      f"{row['train_over_infer']:.3f} | {row['cpu_s']['infer']:.2f} / {row['cpu_s']['train_step']:.2f} | "
+                      f"{row['train_over_infer']:.3f} | {cpu['infer']:.2f} / {cpu['train_step']:.2f} | "
                       f"{row['train_over_infer_cpu']:.3f} | {'yes' if row['bit_identical'] else 'NO'} |", flush=True)
         rows.append(row)
     if args.json:
