@@ -72,11 +72,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_processes(cache: Path, run: Path, steps: int, n: int = 2, devices: int | None = None) -> list[str]:
+def train_processes(cache: Path, run: Path, steps: int, n: int = 2, devices: int | None = None,
+                    extra: tuple = ()) -> list[str]:
     """``n`` processes of train.py joined through dist.* keys on a free localhost port."""
     port = free_port()
     procs = [subprocess.Popen(_args(cache, run, steps, "--dist.coordinator_address", f"127.0.0.1:{port}",
-                                    "--dist.num_processes", str(n), "--dist.process_id", str(i)),
+                                    "--dist.num_processes", str(n), "--dist.process_id", str(i), *extra),
                               cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
              for i in range(n)]
@@ -110,6 +111,9 @@ def assert_same_state(run: Path, ref: Path, step: int) -> None:
     assert a.states.tobytes() == b.states.tobytes()
     for k in CK._flat(b.params):
         assert CK._flat(a.params)[k].tobytes() == CK._flat(b.params)[k].tobytes(), k
+    assert set(CK._flat(a.opt_state)) == set(CK._flat(b.opt_state))
+    for k in CK._flat(b.opt_state):   # the update rule's state (momentum rule: int32 momentum, int16 master)
+        assert CK._flat(a.opt_state)[k].tobytes() == CK._flat(b.opt_state)[k].tobytes(), k
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +235,33 @@ def test_two_devices_with_per_device_chunks_bit_identical(tmp_path, cache, refer
     assert "cpu x2 (2 devices over 1 process(es), 16 members per device" in out
     assert_same_state(run, reference, STEPS)
     assert losses(run) == losses(reference, STEPS)
+
+
+RANKED_MOMENTUM = ("--es.optimizer", "momentum", "--es.fitness_levels", "7")
+
+
+@pytest.fixture(scope="module")
+def reference_momentum(tmp_path_factory, cache):
+    """Single device: the momentum rule with ranked fitness (ranks need every device's scores)."""
+    run = tmp_path_factory.mktemp("dist_ref_momentum") / "run"
+    train_subprocess(cache, run, STEPS, *RANKED_MOMENTUM)
+    assert CK.restore(run, STEPS).opt_state
+    return run
+
+
+def test_four_devices_bit_identical_with_momentum_and_ranked_fitness(tmp_path, cache, reference_momentum):
+    run = tmp_path / "run4m"
+    train_subprocess(cache, run, STEPS, *RANKED_MOMENTUM, devices=4)
+    assert_same_state(run, reference_momentum, STEPS)
+    assert losses(run) == losses(reference_momentum)
+
+
+@pytest.mark.slow
+def test_two_processes_bit_identical_with_momentum_and_ranked_fitness(tmp_path, cache, reference_momentum):
+    run = tmp_path / "run2pm"
+    train_processes(cache, run, STEPS, extra=RANKED_MOMENTUM)
+    assert_same_state(run, reference_momentum, STEPS)
+    assert losses(run) == losses(reference_momentum)
 
 
 # ---------------------------------------------------------------------------

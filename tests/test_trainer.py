@@ -75,3 +75,45 @@ def test_training_is_deterministic(tmp_path, word_corpus):
     np.testing.assert_array_equal(runs[0]["state"].states, runs[1]["state"].states)
     key = "train/bits_per_byte_mean"
     assert [h[key] for h in runs[0]["history"]] == [h[key] for h in runs[1]["history"]]
+
+
+RULES = {
+    "sign": {"optimizer": "sign"},
+    "sign_ranked": {"optimizer": "sign", "fitness_levels": 7},
+    "momentum": {"optimizer": "momentum", "fitness_levels": 7, "momentum_shift": 2, "lr": 0.4},
+}
+
+
+@pytest.mark.parametrize("rule", ["sign_ranked", "momentum"])
+def test_tiny_model_learns_below_unigram_with_each_rule(tmp_path, word_corpus, rule):
+    """(The sign rule: test_tiny_model_learns_below_unigram.)"""
+    cfg = tiny_config(tmp_path, word_corpus)
+    cfg = C.validate(C.apply_values(cfg, {"es": RULES[rule]}, "test"))
+    summary = train(cfg, log=lambda *a: None)
+    unigram = summary["baselines"]["unigram"]
+    history = [h for h in summary["history"] if "val/bits_per_byte" in h]
+    assert history[-1]["val/bits_per_byte"] < 0.85 * unigram, (history[-1]["val/bits_per_byte"], unigram)
+    if rule == "momentum":   # its schedule is logged
+        assert {"update/lr", "update/eta_matrix", "update/eta_vector"} <= set(summary["history"][-1])
+
+
+def test_resume_with_optimiser_state_is_bit_exact(tmp_path, word_corpus):
+    """k steps, a checkpoint, k more (a new process would read the same files) == 2k straight,
+    optimiser state (int32 momentum, int16 master weights) included."""
+    straight = C.validate(C.apply_values(tiny_config(tmp_path / "a", word_corpus, steps=6, eval_every=3,
+                                                     checkpoint_every=3), {"es": RULES["momentum"]}, "test"))
+    ref = train(straight, log=lambda *a: None)
+    half = C.validate(C.apply_values(straight, {"train": {"run_dir": str(tmp_path / "b" / "run"), "steps": 3}},
+                                     "test"))
+    train(half, log=lambda *a: None)
+    from int_lm import checkpoint as CK
+    saved = CK.restore(tmp_path / "b" / "run", 3)
+    assert saved.opt_state["master"]["head"].dtype == np.int16
+    assert saved.opt_state["momentum"]["layers"]["Wf"].dtype == np.int32
+    resumed = train(C.validate(C.apply_values(half, {"train": {"steps": 6}}, "test")), log=lambda *a: None)
+    for a, b in zip(jax.tree_util.tree_leaves((ref["state"].params, ref["state"].opt_state, ref["state"].states)),
+                    jax.tree_util.tree_leaves((resumed["state"].params, resumed["state"].opt_state,
+                                               resumed["state"].states))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    key = "train/bits_per_byte_mean"
+    assert [h[key] for h in ref["history"]] == [h[key] for h in resumed["history"]]
