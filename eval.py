@@ -21,7 +21,8 @@ from int_lm.cli import run_main
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a run directory (latest checkpoint) or an exported .safetensors file")
     parser.add_argument("--step", type=int, default=None, help="evaluate this checkpoint step of a run")
     parser.add_argument("--split", default="validation", choices=("validation", "test"))
@@ -43,14 +44,10 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def body(args, _cfg):
-        from int_lm.config import apply_values, parse_overrides
+        from int_lm.config import apply_values
         from int_lm.errors import UserError
 
-        values, _ = parse_overrides(argv)
-        extra = sorted(f"--{s}.{k}" for s, keys in values.items() if s != "data" for k in keys)
-        if extra:
-            raise UserError(f"eval.py takes only --data.KEY overrides (the model comes from the checkpoint); "
-                            f"remove {', '.join(extra)}")
+        values = args.overrides          # --data.KEY only (run_main refuses the rest)
         for flag, value in (("--rows", args.rows), ("--block", args.block), ("--max_bytes", args.max_bytes)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be >= 1 (omit it for the default), got {value}")
@@ -81,7 +78,10 @@ def main(argv=None):
         else:
             print(EV.format_report(report))
 
-    return run_main(parser, body, argv, warn_when_output_lost=False)   # `eval.py ... | head` ends quietly
+    return run_main(parser, body, argv, warn_when_output_lost=False,   # `eval.py ... | head` ends quietly
+                    sections=("data",), help_defaults=False,
+                    help_note="eval.py takes only the [data] keys (the model comes from the checkpoint); each "
+                              "defaults to the checkpoint's own value.")
 
 
 def run_generate(args, loaded, data_cfg):

@@ -6,8 +6,8 @@
     python train.py --data.source /path/to/corpus.txt --es.population 1024
     python train.py --train.run_dir runs/x           # resumes runs/x from its latest checkpoint
 
-Any config key can be overridden as ``--section.key value``; ``--debug`` shows
-tracebacks for user errors. A run directory with checkpoints resumes exactly
+Any config key can be overridden as ``--section.key value`` (all of them are listed
+below, with their defaults and meanings); ``--debug`` shows tracebacks for user errors. A run directory with checkpoints resumes exactly
 (``--train.resume_from STEP`` picks an older one). Several hosts: the same command on
 each with ``--dist.coordinator_address HOST:PORT --dist.num_processes N
 --dist.process_id I`` (or JAX_* / SLURM environment variables); see docs/distributed.md.
@@ -23,7 +23,8 @@ from int_lm.cli import run_main
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.toml",
                         help="TOML config file (a path or a name in configs/)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

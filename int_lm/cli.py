@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 from int_lm import config as C
 from int_lm.errors import UserError
@@ -121,20 +122,81 @@ def _line(err: BaseException) -> str:
     return "; ".join([str(err), *getattr(err, "__notes__", [])])
 
 
-def run_main(parser, body, argv=None, *, warn_when_output_lost: bool = True) -> int:
+def _config_file_named(parser, rest: list[str]) -> str | None:
+    """The ``--config`` file of this command line (else the parser's default), without parsing it."""
+    for i, arg in enumerate(rest):
+        if arg == "--config" and i + 1 < len(rest):
+            return rest[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return parser.get_default("config") if any("--config" in a.option_strings for a in parser._actions) else None
+
+
+def config_help(parser, rest: list[str], sections=None, defaults: bool = True, note: str = "") -> str:
+    """The config keys part of ``--help``: defaults after the ``--config`` file when there is one."""
+    name = _config_file_named(parser, rest) if defaults else None
+    if not name:
+        return C.help_text(C.Config(), sections=sections, defaults=defaults, note=note)
+    path = C.find_file(name).resolve()
+    for base in (Path.cwd(), C.REPO_ROOT):                 # configs/tiny.toml for --config tiny
+        if path.is_relative_to(base):
+            path = path.relative_to(base)
+            break
+    return C.help_text(C.load_file(name), source=str(path), sections=sections, defaults=defaults, note=note)
+
+
+def _unknown(parser, unknown: list[str], sections=None) -> C.ConfigError:
+    """One line for arguments the parser does not know, with a "did you mean" for a near miss."""
+    import difflib
+    arg = next((a for a in unknown if a.startswith("-")), unknown[0])
+    name = arg.split("=", 1)[0]
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    config_keys = {k.name: k.option for k in C.keys(sections=sections)}
+    if not name.startswith("-"):
+        return C.ConfigError(f"unexpected argument {arg!r} (python {parser.prog} --help lists the arguments)")
+    bare = name.lstrip("-")
+    if bare in config_keys:                                    # --steps: a config key without its section
+        hint = f"; did you mean {config_keys[bare]}?"
+    else:
+        close = difflib.get_close_matches(name, options + list(config_keys.values()), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+    return C.ConfigError(f"unknown option {name}{hint} (python {parser.prog} --help lists every option and "
+                         f"config key)")
+
+
+def run_main(parser, body, argv=None, *, warn_when_output_lost: bool = True, sections=None,
+             help_defaults: bool = True, help_note: str = "") -> int:
     """Parse ``--section.key value`` overrides plus the parser's own flags, then run ``body``.
 
     ``body(args, cfg)`` may return an exit status (None: 0). A :class:`UserError` prints one
     ``error:`` line and exits 2 (traceback with --debug); a stop by a signal
     (:class:`int_lm.stopping.Interrupted`) prints its line and exits 128 + the signal number.
-    Output runs through :func:`tolerant_output`.
+    Output runs through :func:`tolerant_output`. ``--help`` ends with every config key (of
+    ``sections``, default all) from :func:`int_lm.config.help_text`: its type, its default
+    after the ``--config`` file (``help_defaults=False``: no default column) and its meaning
+    (``help_note`` ends its first paragraph).
+    Arguments the parser does not know, overrides outside ``sections`` and the parser's own
+    errors are one ``error:`` line too, with a "did you mean" for a near miss.
     """
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+
+    def parser_error(message):
+        raise C.ConfigError(f"{message} (python {parser.prog} --help lists the arguments)")
+
     with tolerant_output(warn_when_output_lost):
         try:
             values, rest = C.parse_overrides(argv)
-            args = parser.parse_args(rest)
+            if "-h" in rest or "--help" in rest:
+                parser.epilog = config_help(parser, rest, sections, help_defaults, help_note)
+            parser.error = parser_error
+            args, unknown = parser.parse_known_args(rest)
+            if unknown:
+                raise _unknown(parser, unknown, sections)
+            extra = sorted(f"--{s}.{k}" for s, keys in values.items() if sections and s not in sections for k in keys)
+            if extra:
+                raise C.ConfigError(f"{parser.prog} takes only {' and '.join(f'--{s}.KEY' for s in sections)} "
+                                    f"overrides; remove {', '.join(extra)} (python {parser.prog} --help lists them)")
             # What the user set explicitly (a resumed run keeps its saved config for everything else).
             args.overrides = values
             args.config_given = any(a == "--config" or a.startswith("--config=") for a in rest)
