@@ -24,13 +24,18 @@ uses integers only:
 
 Greedy decoding takes the argmax (lowest id among ties). Everything runs in one
 jitted ``lax.scan``; the same seed gives the same text on every run and backend.
+
+:class:`FixedPromptSampler` is the trainer's sample at each evaluation: a fixed
+prompt from the validation split, continued at temperature 1 with a fixed seed, so
+samples of one run differ only by the weights (compiled once: the shapes never change).
 """
 from __future__ import annotations
 
 import math
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +218,52 @@ def describe(args: Any) -> str:
     if args.greedy:
         return "greedy"
     return f"temperature {args.temperature:g}, top-k {args.top_k or 'all'}, seed {args.seed}"
+
+
+PROMPT_TOKENS = 64             # the trainer's sample: prompt length, in tokens
+PROMPT_SEARCH = 256            # ... starting at the first line start among this many tokens
+SAMPLE_SEED = 0
+
+
+def line_start_prompt(tokens, boundary: int, decode_bytes: Callable, length: int = PROMPT_TOKENS,
+                      search: int = PROMPT_SEARCH) -> np.ndarray:
+    """Up to ``length`` tokens of ``tokens`` from the first line start: after the first token among
+    the first ``search`` that ends a line or a document (the start if none), cut at the next
+    document boundary. Deterministic: the same split gives the same prompt."""
+    head = np.asarray(tokens[: search + length]).astype(np.int64)
+    start = 0
+    for i, t in enumerate(head[:search]):
+        if t == boundary or decode_bytes([int(t)]).endswith(b"\n"):
+            start = i + 1
+            break
+    ids, _ = cut_at_boundary(head[start:start + length], boundary)
+    return ids
+
+
+@dataclass(frozen=True)
+class FixedPromptSampler:
+    """``new_tokens`` sampled after a fixed prompt at temperature 1 with a fixed seed (one row).
+
+    ``sampler(params)`` returns the continuation as safe text, cut at an end of document
+    (then ending in ``[end of document]``). The integer sampler draws from its own hash
+    stream of (seed, position), so it touches no training randomness; the prompt length
+    and ``new_tokens`` are fixed, so it compiles once.
+    """
+    shape: M.ModelShape
+    prompt_ids: tuple
+    decode_bytes: Callable
+    new_tokens: int
+    seed: int = SAMPLE_SEED
+
+    @property
+    def prompt(self) -> str:
+        return safe_text(self.decode_bytes(list(self.prompt_ids)))
+
+    def __call__(self, params) -> str:
+        row = generate(params, self.shape, self.prompt_ids, max_new_tokens=self.new_tokens,
+                       temperature=1.0, seed=self.seed)[0]
+        ids, ended = cut_at_boundary(row, self.shape.boundary_token)
+        return safe_text(self.decode_bytes(ids)) + ("\n[end of document]" if ended else "")
+
+    def describe(self) -> str:
+        return f"{self.new_tokens} tokens, temperature 1, seed {self.seed}"

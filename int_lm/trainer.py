@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from int_lm import __version__, checkpoint, data, eggroll, intmath, optim, stopping, train_state
+from int_lm import __version__, backend, checkpoint, data, eggroll, intmath, optim, stopping, train_state
 from int_lm import config as C
 from int_lm import distributed as DIST
+from int_lm import generate as G
 from int_lm import model as M
 from int_lm.errors import UserError
 from int_lm.logging import NullTracker, TensorBoardTracker, TolerantTracker
@@ -60,6 +61,7 @@ def run_metadata(cfg: C.Config, tokenizer, corpus, shape: M.ModelShape) -> dict[
         "corpus": corpus.describe(),
         "versions": package_versions(),
         "device": str(jax.devices()[0].device_kind),
+        "cpu": backend.cpu_flags(),
         "backend": jax.default_backend(),
         "device_count": jax.device_count(),
         "param_count": M.param_count(shape),
@@ -111,6 +113,7 @@ class Run:
     update_fn: Any           # jit of rule.update
     resumed: bool
     progress: bool           # show a progress bar (process 0 only)
+    sampler: Any = None      # generate.FixedPromptSampler (train.sample_tokens); None when off or process > 0
 
 
 def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
@@ -133,13 +136,13 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if main:
-            (run_dir / "config.toml").write_text(C.to_toml(cfg))
+            checkpoint.atomic_write(run_dir / "config.toml", C.to_toml(cfg))
     except OSError as err:
         raise UserError(f"cannot write the run directory {run_dir} ({err.strerror}); "
                         f"choose a writable --train.run_dir") from None
     meta = run_metadata(cfg, tokenizer, corpus, shape)
     if main:
-        (run_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
+        checkpoint.atomic_write(run_dir / "metadata.json", json.dumps(meta, indent=2))
     if tracker is None and main:   # a failed write warns once and switches the tracker off; training goes on
         tracker = TolerantTracker(lambda: TensorBoardTracker(run_dir / "tb"), f"TensorBoard events to {run_dir / 'tb'}")
     else:
@@ -167,11 +170,15 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
     val_len = max(1, min(cfg.data.val_tokens // val_rows, (len(val_split) - 1) // val_rows))
     validate = make_validator(shape, data.eval_slice(val_split, val_rows, val_len),
                               data.eval_slice_bytes(val_split, val_rows, val_len))
+    sampler = None
+    if tc.sample_tokens and main:
+        prompt = G.line_start_prompt(val_split.tokens, shape.boundary_token, tokenizer.decode_bytes)
+        sampler = G.FixedPromptSampler(shape, tuple(int(t) for t in prompt), tokenizer.decode_bytes, tc.sample_tokens)
     run = Run(cfg=cfg, shape=shape, rule=rule, layout=layout, stream=stream, run_dir=run_dir, meta=meta,
               tracker=tracker, validate=validate, val_ref=val_ref, token_bytes=tokenizer.token_bytes(),
               ckpt=DIST.checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log),
               votes_fn=layout.votes_fn(), update_fn=jax.jit(rule.update, donate_argnums=(0, 1)),
-              resumed=plan is not None, progress=progress)
+              resumed=plan is not None, progress=progress, sampler=sampler)
     log(summary_lines("int_lm: EGGROLL training", {
         "model": f"{shape.layers} layers x {shape.width} wide, V={shape.vocab_size} "
                  f"({M.param_count(shape):,} int8 parameters)",
@@ -224,12 +231,29 @@ def run_step(run: Run, state: train_state.TrainState) -> tuple[train_state.Train
 HISTOGRAMS = (("embed",), ("layers", "Wf"), ("head",))   # weight histograms written at each evaluation
 
 
-def evaluate(run: Run, state: train_state.TrainState) -> dict[str, float]:
-    """Validation bits/byte (with the baselines as reference lines); weight histograms to the tracker."""
-    val_bpb = run.validate(run.layout.local(state.params))
+SAMPLE_TAG = "samples/val_prompt"   # the evaluation's text sample: TensorBoard tag; samples.jsonl by step
+
+
+def evaluate(run: Run, state: train_state.TrainState) -> dict[str, Any]:
+    """Validation bits/byte (with the baselines as reference lines); weight histograms to the tracker;
+    with a sampler, the text sample (under SAMPLE_TAG, for :meth:`RunRecord.step`) and its seconds."""
+    params = run.layout.local(state.params)
+    val_bpb = run.validate(params)
     for path in HISTOGRAMS:
         run.tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(M.get_leaf(state.params, path)))
-    return {"val/bits_per_byte": val_bpb, **{f"val/baseline_{k}": v for k, v in run.val_ref.items()}}
+    out = {"val/bits_per_byte": val_bpb, **{f"val/baseline_{k}": v for k, v in run.val_ref.items()}}
+    if run.sampler is not None:
+        t0 = time.perf_counter()
+        out[SAMPLE_TAG] = run.sampler(params)
+        out["perf/sample_s"] = time.perf_counter() - t0
+    return out
+
+
+def sample_markdown(prompt: str, text: str, how: str) -> str:
+    """Prompt and sample as two preformatted blocks (TensorBoard renders text as Markdown)."""
+    def block(s: str) -> str:
+        return "\n".join("    " + line for line in s.split("\n"))
+    return f"prompt (validation split):\n\n{block(prompt)}\n\nsample ({how}):\n\n{block(text)}"
 
 
 class RunRecord:
@@ -253,7 +277,9 @@ class RunRecord:
             self.bar = tqdm(total=run.cfg.train.steps, initial=state.step, desc="train", unit="step",
                             dynamic_ncols=True)
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def step(self, step: int, metrics: dict[str, Any]) -> None:
+        metrics = dict(metrics)
+        text = metrics.pop(SAMPLE_TAG, None)
         if self.first_step_s is None:
             self.first_step_s = metrics["perf/forward_s"] + metrics["perf/update_s"]
         self.val_bpb = metrics.get("val/bits_per_byte", self.val_bpb)
@@ -265,6 +291,18 @@ class RunRecord:
             self.bar.set_postfix(train=f"{metrics['train/bits_per_byte_mean']:.3f}",
                                  val="-" if np.isnan(self.val_bpb) else f"{self.val_bpb:.3f}",
                                  tok_s=f"{metrics['perf/population_tokens_per_s']:,.0f}")
+        if text is not None:
+            self.sample(step, text)
+
+    def sample(self, step: int, text: str) -> None:
+        """The evaluation's sample: TensorBoard text, a line of samples.jsonl (history.jsonl has the
+        step), and one log line when there is no progress bar. A failed write never stops the run."""
+        sampler = self.run.sampler
+        self.run.tracker.text(step, SAMPLE_TAG, sample_markdown(sampler.prompt, text, sampler.describe()))
+        self.run.ckpt.append_sample({"step": step, "prompt": sampler.prompt, "text": text})
+        if self.bar is None:
+            short = text if len(text) <= 120 else text[:120] + "..."
+            self.log(f"sample at step {step}: " + short.replace("\n", "\\n").replace("\t", "\\t"))
 
     def __enter__(self) -> "RunRecord":
         return self

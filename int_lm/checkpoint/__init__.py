@@ -3,7 +3,8 @@
 A run directory holds::
 
     RUN_DIR/checkpoints/<step>/{state,meta}   orbax CheckpointManager steps
-    RUN_DIR/history.jsonl                      every logged step (appended at each save)
+    RUN_DIR/history.jsonl                      every logged step (appended at each step)
+    RUN_DIR/samples.jsonl                      the text sample of each evaluation: step, prompt, text
     RUN_DIR/resume_log.jsonl                   one line per resume: step, changed keys
     RUN_DIR/checkpoints_superseded/            checkpoints newer than a --train.resume_from step
 
@@ -47,5 +48,5 @@ from int_lm.checkpoint.export import EXPORT_FORMAT, LoadedModel, export_model, l
 from int_lm.checkpoint.resume import (MUTABLE_KEYS, RESUME_LOG, SUPERSEDED, ResumePlan,  # noqa: F401
                                       check_compatible, explicit_values, mark_tensorboard_restart,
                                       plan_resume, record_resume, resume, supersede_newer)
-from int_lm.checkpoint.store import (CHECKPOINT_FORMAT, CHECKPOINTS, HISTORY, Checkpointer,  # noqa: F401
-                                     Restored, checkpoint_dir, list_steps, read_meta, restore)
+from int_lm.checkpoint.store import (CHECKPOINT_FORMAT, CHECKPOINTS, HISTORY, SAMPLES, Checkpointer,  # noqa: F401
+                                     Restored, atomic_write, checkpoint_dir, list_steps, read_meta, restore)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from int_lm import config as C
 from int_lm.checkpoint.arrays import _check_arrays, _digest, _flat, _param_arrays, _unflat
-from int_lm.checkpoint.store import CHECKPOINTS, CheckpointError, list_steps, restore
+from int_lm.checkpoint.store import CHECKPOINTS, CheckpointError, atomic_write, list_steps, restore
 from int_lm.errors import UserError
 
 EXPORT_FORMAT = "int_lm-export-v1"
@@ -83,9 +82,10 @@ def export_model(src: str | Path | LoadedModel, out_path: str | Path, step: int 
     Header (all strings, as safetensors requires): ``format``, ``step``,
     ``config`` (JSON), ``tokenizer`` (JSON identity), ``metadata`` (JSON run
     metadata: corpus fingerprint, versions, ...), ``sha256`` (JSON per array).
-    Plain NumPy reads it with ``safetensors.numpy.load_file``.
+    Plain NumPy reads it with ``safetensors.numpy.load_file``. Written atomically, with the
+    mode a new file gets (0644 under umask 022), so others on the machine can read it.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
     model = src if isinstance(src, LoadedModel) else load_model(src, step)
     flat = {k: np.ascontiguousarray(v) for k, v in _flat(dict(model.params)).items()}
     _check_arrays(flat, _param_arrays(model.config), None, "the model to export", "it is not an int_lm model")
@@ -99,11 +99,9 @@ def export_model(src: str | Path | LoadedModel, out_path: str | Path, step: int 
         "sha256": json.dumps({k: _digest(v) for k, v in flat.items()}),
     }
     out = Path(out_path)
-    tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(flat, str(tmp), metadata=header)
-        os.replace(tmp, out)
+        atomic_write(out, save(flat, metadata=header))     # mode 0666 less the umask (0644), not 0600
     except OSError as err:
         raise CheckpointError(f"cannot write {out} ({err.strerror}); choose a writable path") from None
     return out

@@ -30,7 +30,7 @@ RESUME_LOG = "resume_log.jsonl"
 # tokenizer, the training data, the population layout or the noise.
 MUTABLE_KEYS = frozenset({
     "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.resume_from", "train.progress", "train.run_dir",
+    "train.resume_from", "train.progress", "train.run_dir", "train.sample_tokens",
     "es.alpha", "es.alpha_horizon", "es.lr", "es.lr_power",   # the schedule only
     "es.chunk_size",                    # the vote is exact across chunks: memory/speed only
     "data.cache_dir", "data.val_tokens", "data.hub_eval_bytes",

@@ -2,7 +2,7 @@
 
 :class:`Checkpointer` saves under ``RUN_DIR/checkpoints`` and keeps
 ``RUN_DIR/history.jsonl``: appended and flushed at every step, synced to disk at
-every save, cut back to the checkpoint's step on resume; with ``writes_files=False``
+every save, cut back to the checkpoint's step on resume (``samples.jsonl`` too); with ``writes_files=False``
 it is the follower of a multi-process run (joins orbax's collective saves,
 writes no files of its own). :func:`restore` reads one checkpoint back to host
 NumPy and verifies it (:mod:`int_lm.checkpoint.arrays`). Orbax, tensorstore
@@ -30,6 +30,7 @@ from int_lm.errors import UserError
 CHECKPOINT_FORMAT = "int_lm-checkpoint-v1"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"
+SAMPLES = "samples.jsonl"          # the text sample of each evaluation (train.sample_tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _fsync_write(path: Path, text: str, mode: str = "w") -> None:
 
 def _append(path: Path, text: str, sync: bool) -> None:
     """Append ``text`` (unbuffered; fsync if ``sync``); a failed write cuts the file back to where it was."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)     # 0644 under umask 022
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -240,10 +241,43 @@ def _append(path: Path, text: str, sync: bool) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _fsync_write(tmp, text)
-    os.replace(tmp, path)
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: a new file beside it, written and fsynced, renamed over it.
+
+    The file gets the mode ``open()`` gives a new file (0666 less the umask: 0644 under the
+    usual umask 022, readable by colleagues), whatever mode an older ``path`` had. A failed
+    write leaves ``path`` as it was and removes the temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _jsonl_until(path: Path, step: int) -> list[dict]:
+    """The entries of a JSON-lines file with ``step <= step``, the file rewritten to hold just them."""
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break          # a line cut by a kill: everything before it is good
+            if isinstance(entry, dict) and entry.get("step", 0) <= step:
+                out.append(entry)
+    atomic_write(path, "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in out))
+    return out
 
 
 class Checkpointer:
@@ -270,10 +304,13 @@ class Checkpointer:
         self._mngr = None
         self._history_written = 0             # entries of the run's history already in history.jsonl
         self._history_warned = False
+        self._samples_warned = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if resume_step is None and writes_files:
-                _atomic_write(self.run_dir / HISTORY, "")      # a fresh run starts a fresh history
+                atomic_write(self.run_dir / HISTORY, "")      # a fresh run starts a fresh history
+                if (self.run_dir / SAMPLES).exists():
+                    atomic_write(self.run_dir / SAMPLES, "")  # and fresh samples
         except OSError as err:
             raise CheckpointError(f"cannot write checkpoints under {self.root} ({err.strerror}); "
                                   f"choose a writable --train.run_dir") from None
@@ -414,25 +451,37 @@ class Checkpointer:
             return
         self._history_written = len(history)
 
+    def append_sample(self, entry: dict) -> None:
+        """Append one text sample (``{"step", "prompt", "text"}``) to samples.jsonl, flushed.
+
+        A failed write warns once and the sample is dropped: it never stops a run.
+        """
+        if not self.writes_files:
+            return
+        path = self.run_dir / SAMPLES
+        try:
+            _append(path, json.dumps(entry, ensure_ascii=False) + "\n", sync=False)
+        except OSError as err:
+            if not self._samples_warned:
+                self._samples_warned = True
+                from int_lm.cli import warn
+                warn(f"cannot append to {path} ({_short(err)}); training goes on without text samples there")
+
     def history_until(self, step: int) -> list[dict]:
-        """Logged history up to ``step`` (entries after it came from steps lost since the checkpoint)."""
+        """Logged history up to ``step`` (entries after it came from steps lost since the checkpoint).
+
+        samples.jsonl is cut back to ``step`` too, so neither file keeps a step that is trained again.
+        """
         if not self.writes_files:
             return []
         path = self.run_dir / HISTORY
-        out = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break          # a line cut by a kill: everything before it is good
-                if entry.get("step", 0) <= step:
-                    out.append(entry)
         try:
-            _atomic_write(path, "".join(json.dumps(h) + "\n" for h in out))
+            out = _jsonl_until(path, step)
+            if (self.run_dir / SAMPLES).exists():
+                _jsonl_until(self.run_dir / SAMPLES, step)
         except OSError as err:
-            raise CheckpointError(f"cannot rewrite {path} ({_short(err)}); free disk space or fix the "
-                                  f"directory, then resume again") from None
+            raise CheckpointError(f"cannot rewrite {err.filename or path} ({_short(err)}); free disk space or "
+                                  f"fix the directory, then resume again") from None
         self._history_written = len(out)
         if len(out) != step:
             self.log(f"note: {HISTORY} holds {len(out)} of the first {step} steps")
