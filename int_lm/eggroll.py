@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from int_lm import backend
 from int_lm import intmath as im
 from int_lm import model as M
 from int_lm import noise as nz
@@ -227,23 +227,6 @@ def evaluate_members(spec: EggrollSpec, params, noise, states, tokens):
     return jnp.sum(ll, axis=1), states
 
 
-def draw_noise_fused(spec: EggrollSpec, seed, epoch, pairs, never) -> dict:
-    """``make_noise``, drawn inside a conditional whose other branch never runs (``never``
-    is a runtime predicate that is always false), on CPU only.
-
-    The noise feeds both the forward and the vote; XLA's CPU fusion then splits each
-    draw's table lookups into separate passes over memory. Inside the branch every draw
-    stays one fused loop: noise + vote for 512 pairs of 6 x 256, 0.16 s -> 0.07 s. Off
-    the CPU it is a plain draw (a GPU conditional would sync with the host).
-    """
-    def draw():
-        return make_noise(spec, seed, epoch, pairs)
-    if jax.default_backend() != "cpu":
-        return draw()
-    shapes = jax.eval_shape(draw)
-    return lax.cond(never, lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), draw)
-
-
 def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pair_offset=0,
                      gather_scores=None):
     """All chunks of a (local) population: returns (votes (hi, lo), scores, states).
@@ -265,7 +248,7 @@ def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pai
 
     def chunk_noise(c, chunk_tokens):
         pairs = pair_offset + c * chunk // 2 + jnp.arange(chunk // 2, dtype=jnp.int32)
-        return draw_noise_fused(spec, seed, epoch, pairs, chunk_tokens[0, 0] < 0)  # token ids are >= 0
+        return backend.draw_noise_fused(lambda: make_noise(spec, seed, epoch, pairs), chunk_tokens)
 
     def run_chunk(c, states, acc):
         first = c * chunk

@@ -2,14 +2,18 @@
 
 Parameters are a plain dict of int8 arrays (a JAX pytree); layers are stacked on
 a leading axis. The forward pass runs a batch of independent sequences token by
-token (``lax.scan`` over time), carrying each layer's int8 state and resetting
-it to zero where the input token is the document-boundary token.
+token (``scan_tokens``: ``lax.scan`` over time), carrying each layer's int8 state
+and resetting it to zero where the input token is the document-boundary token.
 
 The perturbation hook: ``factors`` maps a matrix name to int8 low-rank factors
 ``(A, B)`` per sequence or per antithetic pair of sequences (2k: +A, 2k+1: -A),
 and vector parameters may carry a leading per-sequence batch axis. EGGROLL
 (``int_lm/eggroll.py``) uses this to run a whole population in one batch; with
 ``factors=None`` no extra work is traced at all.
+
+The ``backend.*`` calls (``materialize``, the joined Wf/Wh factors, keeping factors
+int8 in the loop) change how XLA compiles the model, never a value: they are
+explained in ``int_lm/backend.py`` and switched off by ``INT_LM_PLAIN_XLA=1``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from int_lm import backend
 from int_lm import intmath as im
 
 # Matrices that take a low-rank perturbation; everything else is a vector.
@@ -162,7 +167,7 @@ def lowrank_term(u, a, b, shift: int, ub=None):
 
     u (B, n) int8; a (B, r, out), b (B, r, n) int8 per row, or (B/2, r, .) per
     antithetic pair (see ``_row_signs``). The sum over r is one small reduction
-    that XLA fuses with the products (slicing per rank ran 2-3x slower at r > 1).
+    that XLA fuses with the products (faster than slicing per rank: docs/performance.md).
     ``ub`` is ``lowrank_dots(u, b)`` when the caller has it already. The pair
     sign goes on u . b_r (the same integer as negating a_r). |u . b_r| <= n 127^2;
     when the product with a_r could pass 2^31 it is split into high and low parts,
@@ -233,36 +238,16 @@ def _vector(value, layer):
     return value[layer]
 
 
-def materialize(x):
-    """Make XLA store an int8 activation once instead of re-deriving it in every consumer.
-
-    XLA's CPU fusion duplicates cheap elementwise producers into each consumer;
-    along the residual stream that re-computes much of a layer inside every
-    matmul's operand fusion (the perturbed forward ran 2x the CPU time of
-    inference). ``optimization_barrier`` is dropped by the CPU pipeline, but
-    a conditional's result is always materialised: this one always takes the
-    identity branch (int8 values are never -128). Only on CPU: elsewhere it is
-    the identity, since a GPU conditional would sync with the host.
-    """
-    if jax.default_backend() != "cpu":
-        return x
-    return lax.cond(x.reshape(-1)[0] != -128, lambda v: v, lambda v: -v, x)
-
-
 def gru_cell(x, s, lp, layer, factors, shift):
     """minGRU variant with identity 'sigmoid' and 'tanh' (saturation only)."""
     wf, wh = _layer_factor(factors, "Wf", layer), _layer_factor(factors, "Wh", layer)
-    ub_f = ub_h = None
-    if wf is not None and wh is not None and "x_b" in factors:
-        # Wf and Wh read the same x: one row-dot pass over both B factors (joined outside the loop).
-        both, r = lowrank_dots(x, factors["x_b"][layer]), wf[1].shape[1]
-        ub_f, ub_h = both[:, :r], both[:, r:]
-    f = im.sat_add(matmul(x, lp["Wf"][layer], wf, shift, ub_f),
+    x_dots_f, x_dots_h = backend.wf_wh_dots(x, factors, layer, lowrank_dots)  # None: each matmul takes its own
+    f = im.sat_add(matmul(x, lp["Wf"][layer], wf, shift, x_dots_f),
                    matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
                    _vector(lp["bf"], layer))
     g = f.astype(jnp.int32) + im.INT8_MAX  # [0, 254]: g / 256 in [0, 1)
     sg = im.sat8((g * s.astype(jnp.int32)) >> 8)
-    hc = im.sat_add(matmul(x, lp["Wh"][layer], wh, shift, ub_h),
+    hc = im.sat_add(matmul(x, lp["Wh"][layer], wh, shift, x_dots_h),
                     matmul(sg, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
                     _vector(lp["bh"], layer))
     return im.gate_mix(g, s, hc)
@@ -270,39 +255,40 @@ def gru_cell(x, s, lp, layer, factors, shift):
 
 def block(x, s, lp, layer, factors, shift):
     """Pre-norm residual block: GRU then a two-matmul MLP, all saturating."""
-    h = gru_cell(materialize(im.layer_norm(x, _vector(lp["ln1"], layer))), s, lp, layer, factors, shift)
-    x = materialize(im.sat_add(x, h))
-    up = matmul(materialize(im.layer_norm(x, _vector(lp["ln2"], layer))), lp["up"][layer],
+    h = gru_cell(backend.materialize(im.layer_norm(x, _vector(lp["ln1"], layer))), s, lp, layer, factors, shift)
+    x = backend.materialize(im.sat_add(x, h))
+    up = matmul(backend.materialize(im.layer_norm(x, _vector(lp["ln2"], layer))), lp["up"][layer],
                 _layer_factor(factors, "up", layer), shift)
-    x = materialize(im.sat_add(x, matmul(up, lp["down"][layer], _layer_factor(factors, "down", layer), shift)))
+    x = backend.materialize(im.sat_add(x, matmul(up, lp["down"][layer],
+                                                 _layer_factor(factors, "down", layer), shift)))
     return x, h
 
 
 def step(params, states, tokens, boundary_token: int, factors=None, shift: int = 0):
     """One token for a batch: tokens (B,) -> logits (B, V) int8 and new states.
 
-    ``states`` is a tuple with one (B, D) int8 array per layer (a stacked
-    (L, B, D) carry makes XLA's CPU loop over tokens over 2x slower).
+    ``states`` holds one (B, D) int8 array per layer (a tuple: :func:`scan_tokens`
+    splits the stacked (L, B, D) state into it and stacks it again at the end).
     """
     reset = (tokens == boundary_token)[:, None]
     states = tuple(jnp.where(reset, jnp.zeros_like(s), s) for s in states)
     get = (lambda name: factors.get(name)) if factors is not None else (lambda name: None)
-    x = materialize(embed(params["embed"], tokens, get("embed"), shift))
+    x = backend.materialize(embed(params["embed"], tokens, get("embed"), shift))
     lp = params["layers"]
     layer_factors = factors.get("layers") if factors is not None else None
     new_states = []
     for layer, s in enumerate(states):
         x, h = block(x, s, lp, layer, layer_factors, shift)
         new_states.append(h)
-    logits = matmul(materialize(im.layer_norm(x, params["ln_out"])), params["head"], get("head"), shift)
+    logits = matmul(backend.materialize(im.layer_norm(x, params["ln_out"])), params["head"], get("head"), shift)
     return logits, tuple(new_states)
 
 
 def unstack_layers(tree, n_layers: int):
-    """Split every stacked (L, ...) layer array into a tuple of L arrays, once, outside the time loop.
+    """Split every stacked (L, ...) layer array into a tuple of L arrays, once, before the time loop.
 
-    Slicing stacked per-sequence arrays inside XLA's CPU while loop costs far
-    more than a one-off split (the same holds for the recurrent state).
+    Each step's layer loop then reads whole per-layer arrays instead of slicing the
+    stacks at every token (slow in XLA's CPU loop: docs/performance.md).
     """
     if tree is None or "layers" not in tree:
         return tree
@@ -311,18 +297,30 @@ def unstack_layers(tree, n_layers: int):
     return {**tree, "layers": jax.tree_util.tree_map(split, tree["layers"])}
 
 
-def keep_int8_in_loop(factors, never):
-    """Tie the low-rank factors to a loop-varying predicate ``never`` that is always false.
+def scan_tokens(params, states, xs, boundary_token: int, read, *, feed=None, carry=None, factors=None,
+                shift: int = 0):
+    """The time loop that :func:`forward`, evaluation and generation share: one :func:`step` per token.
 
-    XLA hoists loop-invariant int8 -> int32 converts of the factors out of the
-    time loop, after which the loop streams 4x the bytes (about 5% of a CPU
-    step). A select on a predicate that never fires (token ids are >= 0) keeps
-    them int8 and fuses into their consumers. (Per-member vectors are too
-    small for this to pay: measured neutral.)
+    ``states`` (L, B, D) int8; ``xs`` a pytree of time-major arrays (T, B, ...). At
+    time t the input tokens (B,) are ``feed(x_t, carry)``, by default ``x_t[0]``;
+    after the step ``read(logits, x_t, carry)`` returns ``(carry, out_t)``. Returns
+    (final states (L, B, D), final carry, the outputs stacked on a leading time axis).
     """
-    if factors is None:
-        return factors
-    return jax.tree_util.tree_map(lambda v: jnp.where(never, jnp.zeros_like(v), v), factors)
+    n_layers = states.shape[0]
+    params, factors = unstack_layers(params, n_layers), unstack_layers(factors, n_layers)
+    factors = backend.join_wf_wh_factors(factors)
+
+    def body(loop_carry, x):
+        layer_states, user_carry = loop_carry
+        tokens = x[0] if feed is None else feed(x, user_carry)
+        logits, layer_states = step(params, layer_states, tokens, boundary_token,
+                                    backend.keep_int8_in_loop(factors, tokens), shift)
+        user_carry, out = read(logits, x, user_carry)
+        return (layer_states, user_carry), out
+
+    layer_states = tuple(states[layer] for layer in range(n_layers))
+    (layer_states, carry), outs = lax.scan(body, (layer_states, carry), xs)
+    return jnp.stack(layer_states), carry, outs
 
 
 def forward(params, states, inputs, targets, boundary_token: int, factors=None, shift: int = 0,
@@ -332,22 +330,12 @@ def forward(params, states, inputs, targets, boundary_token: int, factors=None, 
     Returns (ll (B, T) int32, final states (L, B, D)[, logits (B, T, V)]); ``ll``
     is the integer log-likelihood of each target in 1/16 bits.
     """
-    def body(carry, xs):
-        tok, tgt = xs
-        f = keep_int8_in_loop(factors, tok[0] < 0)
-        logits, carry = step(params, carry, tok, boundary_token, f, shift)
-        ll = im.log_likelihood(logits, tgt)
+    def read(logits, x, carry):
+        ll = im.log_likelihood(logits, x[1])
         return carry, ((ll, logits) if return_logits else ll)
 
-    n_layers = states.shape[0]
-    params, factors = unstack_layers(params, n_layers), unstack_layers(factors, n_layers)
-    if factors is not None and "Wf" in factors.get("layers", {}) and "Wh" in factors["layers"]:
-        lf = factors["layers"]
-        x_b = tuple(jnp.concatenate([bf, bh], axis=1) for bf, bh in zip(lf["Wf"][1], lf["Wh"][1]))
-        factors = {**factors, "layers": {**lf, "x_b": x_b}}
-    carry = tuple(states[layer] for layer in range(n_layers))
-    carry, out = lax.scan(body, carry, (inputs.T, targets.T))
-    states = jnp.stack(carry)
+    states, _, out = scan_tokens(params, states, (inputs.T, targets.T), boundary_token, read,
+                                 factors=factors, shift=shift)
     if return_logits:
         ll, logits = out
         return ll.T, states, jnp.swapaxes(logits, 0, 1)
