@@ -72,7 +72,7 @@ class ESConfig:
                                   "weight (steps of 2^-F), in [0, 8]")
     lr: float = setting(0.4, "momentum rule: int8 units a weight moves per step when its momentum is one "
                              "null standard deviation from zero, in (0, 4]")
-    lr_power: float = setting(0.5, "momentum rule: lr_t = lr * alpha_t^lr_power, decaying with the alpha "
+    lr_power: float = setting(1.0, "momentum rule: lr_t = lr * alpha_t^lr_power, decaying with the alpha "
                                    "schedule (0 = constant)")
 
 
