@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
     rule = optim.make(dataclasses.replace(cfg.es, alpha=0.1))
     update_fn = jax.jit(rule.update)
     hyper = {k: np.int32(v) for k, v in rule.schedule(0)[0].items()}
-    thr_m = hyper["threshold_matrix"]
+    thr_m = optim.thresholds(0.1, n, spec.rank)[0]   # the naive-ES comparison uses the sign rule
     states = M.init_state(shape, n)
     # Inference and training alternate, round by round, so that a slow spell of the
     # machine hits both; each reports its best round.
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
     pairs = jnp.arange(n // 2, dtype=jnp.int32)
     noise_fn = jax.jit(lambda p: E.make_noise(spec, 0, 0, p))
     _, noise_s, noise = common.timed(noise_fn, pairs, repeats=args.repeats)
-    vote_fn = jax.jit(E.vote)
+    vote_fn = jax.jit(lambda z, f: E.vote(z, f, spec.fitness_levels))
     _, vote_s, _ = common.timed(vote_fn, noise, jnp.ones((n // 2,), jnp.int32), repeats=args.repeats)
     del noise
     train_s = votes_s + update_s
