@@ -34,7 +34,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from int_lm import data as D
 from int_lm import intmath as im
@@ -78,19 +77,15 @@ def make_block_fn(shape: M.ModelShape) -> Callable:
     """
     boundary = shape.boundary_token
 
+    def read(logits, x, carry):
+        targets = x[1]
+        ll = im.log_likelihood(logits, targets)
+        y_t, s = exact_stats(logits, targets)
+        return carry, (ll, y_t, s)
+
     def block(params, states, tokens):
-        params = M.unstack_layers(params, shape.layers)
-        carry = tuple(states[layer] for layer in range(shape.layers))
-
-        def body(carry, xs):
-            tok, tgt = xs
-            logits, carry = M.step(params, carry, tok, boundary)
-            ll = im.log_likelihood(logits, tgt)
-            y_t, s = exact_stats(logits, tgt)
-            return carry, (ll, y_t, s)
-
-        carry, (ll, y_t, s) = lax.scan(body, carry, (tokens[:, :-1].T, tokens[:, 1:].T))
-        return jnp.stack(carry), ll, y_t, s
+        states, _, (ll, y_t, s) = M.scan_tokens(params, states, (tokens[:, :-1].T, tokens[:, 1:].T), boundary, read)
+        return states, ll, y_t, s
 
     return jax.jit(block, donate_argnums=(1,))
 

@@ -142,29 +142,26 @@ def _generate(params, prompt, seed, temp_q, *, boundary: int, layers: int, max_n
               top_k: int, greedy: bool):
     """prompt (B, P) int32 starting with the boundary token -> (B, max_new_tokens) int32."""
     rows = prompt.shape[0]
-    params = M.unstack_layers(params, layers)
-    state = tuple(jnp.zeros((rows, params["embed"].shape[1]), jnp.int8) for _ in range(layers))
-
-    def feed(carry, tok):
-        logits, carry = M.step(params, carry, tok, boundary)
-        return carry, logits
-
-    state, logits_seq = lax.scan(feed, state, prompt.T)
-    logits = logits_seq[-1]
+    states = jnp.zeros((layers, rows, params["embed"].shape[1]), jnp.int8)
 
     def choose(logits, i):
         if greedy:
             return im.argmax_logits(logits)
         return sample(logits, sample_keys(seed, i, rows), temp_q, top_k)
 
-    def gen(carry, i):
-        state, logits = carry
-        tok = choose(logits, i)
-        logits, state = M.step(params, state, tok, boundary)
-        return (state, logits), tok
+    def keep_logits(logits, x, carry):
+        return carry, logits
 
-    _, toks = lax.scan(gen, (state, logits), jnp.arange(max_new_tokens, dtype=jnp.uint32))
-    return toks.T
+    states, _, prompt_logits = M.scan_tokens(params, states, (prompt.T,), boundary, keep_logits)
+    first = choose(prompt_logits[-1], jnp.uint32(0))
+
+    def choose_next(logits, i, carry):  # token i from the logits after token i - 1 (fed back as the carry)
+        tok = choose(logits, i)
+        return tok, tok
+
+    positions = jnp.arange(1, max_new_tokens, dtype=jnp.uint32)
+    _, _, rest = M.scan_tokens(params, states, positions, boundary, choose_next, feed=lambda i, tok: tok, carry=first)
+    return jnp.concatenate([first[None], rest]).T
 
 
 def generate(params, shape: M.ModelShape, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0,
