@@ -55,13 +55,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from int_lm import checkpoint as CK
-from int_lm import eggroll as E
+from int_lm import checkpoint, eggroll
 from int_lm.errors import UserError
 
 AXIS = "pop"
 # sum of D low parts, each < 2^CARRY_BITS, must stay below 2^31
-MAX_DEVICES = (2 ** 31 - 1) >> E.CARRY_BITS
+MAX_DEVICES = (2 ** 31 - 1) >> eggroll.CARRY_BITS
 
 
 class DistributedError(UserError):
@@ -166,11 +165,11 @@ def barrier(name: str) -> None:
 
 def combine_votes(acc: dict, axis_name: str = AXIS) -> dict:
     """Exact sum over ``axis_name`` of per-device ``(hi, lo)`` votes, renormalised to lo in [0, 2^20)."""
-    mask = (1 << E.CARRY_BITS) - 1
+    mask = (1 << eggroll.CARRY_BITS) - 1
     out = {}
     for path, (hi, lo) in acc.items():
         hi, lo = lax.psum(hi, axis_name), lax.psum(lo, axis_name)   # sum lo < D * 2^20 < 2^31
-        out[path] = (hi + (lo >> E.CARRY_BITS), lo & mask)
+        out[path] = (hi + (lo >> eggroll.CARRY_BITS), lo & mask)
     return out
 
 
@@ -199,13 +198,13 @@ class Layout:
     ``mesh`` is None with a single device: then every method is the identity
     and :meth:`votes_fn` is the trainer's plain jitted ``population_votes``.
     """
-    spec: E.EggrollSpec
+    spec: eggroll.EggrollSpec
     mesh: Mesh | None
     rows: int                       # rows of the whole batch (population / group_size)
     row_range: tuple[int, int]      # this process's rows [lo, hi)
 
     @classmethod
-    def create(cls, spec: E.EggrollSpec, devices=None) -> "Layout":
+    def create(cls, spec: eggroll.EggrollSpec, devices=None) -> "Layout":
         devices = list(jax.devices() if devices is None else devices)
         rows = spec.population // spec.group_size
         if len(devices) == 1:
@@ -303,7 +302,7 @@ class Layout:
         """
         spec = self.spec
         if self.mesh is None:
-            return jax.jit(lambda p, s, t, seed, epoch: E.population_votes(spec, p, s, t, seed, epoch),
+            return jax.jit(lambda p, s, t, seed, epoch: eggroll.population_votes(spec, p, s, t, seed, epoch),
                            donate_argnums=(1,))
 
         def local(params, states, tokens, seed, epoch):
@@ -315,8 +314,8 @@ class Layout:
                 placed = lax.dynamic_update_slice(jnp.zeros((spec.population,), scores.dtype), scores, (first,))
                 return lax.psum(placed, AXIS)
 
-            acc, scores, states = E.population_votes(spec, params, states, tokens, seed, epoch,
-                                                     pair_offset=first // 2, gather_scores=gather)
+            acc, scores, states = eggroll.population_votes(spec, params, states, tokens, seed, epoch,
+                                                           pair_offset=first // 2, gather_scores=gather)
             return combine_votes(acc), gather(scores), states
 
         # check_vma=False: population_votes' chunk loop starts from device-invariant zeros and is not
@@ -340,16 +339,16 @@ class Layout:
 
 def checkpointer(run_dir, keep: int, *, resume_step=None, log=print):
     """The checkpointer for this process: the writer on process 0, a follower (no files of its own) elsewhere."""
-    return CK.Checkpointer(run_dir, keep, resume_step=resume_step, log=log, writes_files=is_main())
+    return checkpoint.Checkpointer(run_dir, keep, resume_step=resume_step, log=log, writes_files=is_main())
 
 
 def resume(plan, run_dir, tokenizer, corpus, log=print):
     """Every process restores the checkpoint; only process 0 moves newer ones aside and logs the resume."""
     if is_main():
-        restored = CK.resume(plan, run_dir, tokenizer, corpus, log=log)
+        restored = checkpoint.resume(plan, run_dir, tokenizer, corpus, log=log)
     else:
-        restored = CK.restore(run_dir, plan.step)
-        CK.check_compatible(restored.metadata, tokenizer, corpus, f"checkpoint step {plan.step} in {run_dir}")
+        restored = checkpoint.restore(run_dir, plan.step)
+        checkpoint.check_compatible(restored.metadata, tokenizer, corpus, f"checkpoint step {plan.step} in {run_dir}")
     barrier("int_lm-resume")
     return restored
 

@@ -18,10 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from int_lm import backend
-from int_lm import intmath as im
-from int_lm import model as M
-from int_lm import noise as nz
+from int_lm import backend, intmath, model
+from int_lm.noise import pair_noise
 from int_lm.errors import UserError
 
 # Exact vote accumulation across chunks: Z = hi * 2^CARRY_BITS + lo, lo in [0, 2^CARRY_BITS).
@@ -32,7 +30,7 @@ HI_CLAMP = 1 << 10  # |hi| beyond this means |Z| >= 2^30, far above any threshol
 @dataclass(frozen=True)
 class EggrollSpec:
     """Static description of one EGGROLL configuration (hashable: a jit static arg)."""
-    shape: M.ModelShape
+    shape: model.ModelShape
     population: int
     rank: int = 1
     sigma_shift: int = 4
@@ -42,7 +40,7 @@ class EggrollSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "EggrollSpec":
-        return cls(M.ModelShape.from_config(cfg.model), cfg.es.population, cfg.es.rank,
+        return cls(model.ModelShape.from_config(cfg.model), cfg.es.population, cfg.es.rank,
                    cfg.es.sigma_shift, cfg.es.group_size, cfg.es.chunk_size, cfg.es.fitness_levels)
 
     @property
@@ -56,11 +54,11 @@ class EggrollSpec:
 
     @property
     def matrix_shift(self) -> int:
-        return im.FRAC_BITS + self.sigma_shift + self.rank_shift
+        return intmath.FRAC_BITS + self.sigma_shift + self.rank_shift
 
     @property
     def vector_shift(self) -> int:
-        return im.FRAC_BITS + self.sigma_shift
+        return intmath.FRAC_BITS + self.sigma_shift
 
 
 def check_limits(spec: EggrollSpec) -> None:
@@ -97,16 +95,16 @@ def make_noise(spec: EggrollSpec, seed, epoch, pairs) -> dict:
     """
     noise = {}
     r = spec.rank
-    for pid, (path, shape, matrix) in enumerate(M.param_leaves(spec.shape)):
+    for pid, (path, shape, matrix) in enumerate(model.param_leaves(spec.shape)):
         if matrix:
             lead, (out, n) = shape[:-2], shape[-2:]
             a_shape, b_shape = lead + (r, out), lead + (r, n)
         else:
             a_shape = b_shape = shape
         axis = pair_axis(path)
-        noise[path] = (nz.pair_noise(seed, epoch, pairs, pid, a_shape, pair_axis=axis),
-                       nz.pair_noise(seed, epoch, pairs, pid, b_shape, offset=int(np.prod(a_shape)),
-                                     pair_axis=axis))
+        noise[path] = (pair_noise(seed, epoch, pairs, pid, a_shape, pair_axis=axis),
+                       pair_noise(seed, epoch, pairs, pid, b_shape, offset=int(np.prod(a_shape)),
+                                  pair_axis=axis))
     return noise
 
 
@@ -120,15 +118,15 @@ def member_model_inputs(spec: EggrollSpec, params, noise):
     member_params = {"embed": params["embed"], "head": params["head"], "layers": dict(params["layers"])}
     factors = {"layers": {}}
     for path, (a, b) in noise.items():
-        if M.is_matrix(path):  # low-rank factors, one per pair
-            M.set_leaf(factors, path, (a, b))
+        if model.is_matrix(path):  # low-rank factors, one per pair
+            model.set_leaf(factors, path, (a, b))
             continue
-        base = M.get_leaf(params, path)  # (D,) or (L, D); noise (P, D) or (L, P, D)
+        base = model.get_leaf(params, path)  # (D,) or (L, D); noise (P, D) or (L, P, D)
         prod = a.astype(jnp.int32) * b.astype(jnp.int32)
         delta = (jnp.expand_dims(prod, -2) * jnp.array([[1], [-1]], jnp.int32)) >> spec.vector_shift
         delta = delta.reshape(prod.shape[:-2] + (2 * prod.shape[-2], prod.shape[-1]))  # pairs -> members
-        value = im.sat8(jnp.expand_dims(base, -2).astype(jnp.int32) + delta)
-        M.set_leaf(member_params, path, value)
+        value = intmath.sat8(jnp.expand_dims(base, -2).astype(jnp.int32) + delta)
+        model.set_leaf(member_params, path, value)
     return member_params, factors
 
 
@@ -179,7 +177,7 @@ def vote(noise, fitness, levels: int = 1) -> dict:
         axis = pair_axis(path)
         f_shape = [1] * a.ndim
         f_shape[axis] = -1
-        if not M.is_matrix(path):
+        if not model.is_matrix(path):
             z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=axis)
             continue
         if a.ndim == 3:   # (P, r, out) x (P, r, n) -> (out, n)
@@ -198,7 +196,7 @@ def vote(noise, fitness, levels: int = 1) -> dict:
 
 def zero_votes(spec: EggrollSpec) -> dict:
     return {path: (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32))
-            for path, shape, _ in M.param_leaves(spec.shape)}
+            for path, shape, _ in model.param_leaves(spec.shape)}
 
 
 def accumulate(acc: dict, z: dict) -> dict:
@@ -222,8 +220,8 @@ def vote_value(hi, lo):
 def evaluate_members(spec: EggrollSpec, params, noise, states, tokens):
     """Run the members of ``noise``'s pairs on tokens (B, T+1); returns (scores (B,), states)."""
     member_params, factors = member_model_inputs(spec, params, noise)
-    ll, states = M.forward(member_params, states, tokens[:, :-1], tokens[:, 1:],
-                           spec.shape.boundary_token, factors, spec.matrix_shift)
+    ll, states = model.forward(member_params, states, tokens[:, :-1], tokens[:, 1:],
+                               spec.shape.boundary_token, factors, spec.matrix_shift)
     return jnp.sum(ll, axis=1), states
 
 

@@ -35,9 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from int_lm import data as D
-from int_lm import intmath as im
-from int_lm import model as M
+from int_lm import data, intmath, model
 from int_lm.errors import UserError
 
 BUCKETS = 16
@@ -53,7 +51,7 @@ def exact_stats(logits, targets):
 
     ``logits`` (..., V) int8 -> y_t (...) int32, S (..., 16) uint32 (exact: < 2^31 for V <= 2^16).
     """
-    y = logits.astype(jnp.int32) + im.LOGIT_OFFSET
+    y = logits.astype(jnp.int32) + intmath.LOGIT_OFFSET
     y_t = jnp.take_along_axis(y, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     q, r = (y >> 4).astype(jnp.uint32), (y & (BUCKETS - 1)).astype(jnp.uint32)
     # 1 << (q + 32) is 0 (XLA: a logical shift by >= the bit width gives 0): one shift per bucket,
@@ -70,7 +68,7 @@ def exact_bits(y_t: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.log2(total) - y_t.astype(np.float64) / 16.0
 
 
-def make_block_fn(shape: M.ModelShape) -> Callable:
+def make_block_fn(shape: model.ModelShape) -> Callable:
     """Jitted ``(params, states (L, rows, D), tokens (rows, length + 1)) -> (states, ll, y_t, S)``.
 
     ll and y_t are (length, rows) int32, S is (length, rows, 16) uint32 (time-major).
@@ -79,12 +77,13 @@ def make_block_fn(shape: M.ModelShape) -> Callable:
 
     def read(logits, x, carry):
         targets = x[1]
-        ll = im.log_likelihood(logits, targets)
+        ll = intmath.log_likelihood(logits, targets)
         y_t, s = exact_stats(logits, targets)
         return carry, (ll, y_t, s)
 
     def block(params, states, tokens):
-        states, _, (ll, y_t, s) = M.scan_tokens(params, states, (tokens[:, :-1].T, tokens[:, 1:].T), boundary, read)
+        states, _, (ll, y_t, s) = model.scan_tokens(params, states, (tokens[:, :-1].T, tokens[:, 1:].T), boundary,
+                                                    read)
         return states, ll, y_t, s
 
     return jax.jit(block, donate_argnums=(1,))
@@ -139,7 +138,7 @@ def tokens_for_bytes(split, max_bytes: int) -> int:
     return n
 
 
-def evaluate_split(params, shape: M.ModelShape, split, *, max_tokens: int | None = None,
+def evaluate_split(params, shape: model.ModelShape, split, *, max_tokens: int | None = None,
                    rows: int | None = None, length: int | None = None, progress: bool = False,
                    block_fn: Callable | None = None) -> SplitResult:
     """Run the unperturbed model over ``split`` (or its first ``max_tokens`` tokens)."""
@@ -147,7 +146,7 @@ def evaluate_split(params, shape: M.ModelShape, split, *, max_tokens: int | None
     rows, length = auto_layout(m, rows, length)
     fn = block_fn or make_block_fn(shape)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    states = M.init_state(shape, rows)
+    states = model.init_state(shape, rows)
 
     bar = None
     if progress:
@@ -179,7 +178,7 @@ def evaluate_split(params, shape: M.ModelShape, split, *, max_tokens: int | None
             bar.set_postfix(bpb=f"{bits / max(done['bytes'], 1):.3f}")
 
     pending = None
-    for eb in D.iter_eval_batches(split, rows, length, max_tokens=m):
+    for eb in data.iter_eval_batches(split, rows, length, max_tokens=m):
         states, *out = fn(params, states, jnp.asarray(eb.tokens))
         if pending is not None:
             reduce(pending)
@@ -211,7 +210,7 @@ def split_baselines(corpus, tokenizer, split_name: str, num_tokens: int, num_byt
     """
     split = corpus.split(split_name)
     if num_tokens >= len(split):
-        ref = D.baselines(corpus, tokenizer)
+        ref = data.baselines(corpus, tokenizer)
         out = {"unigram": ref["unigram"].get(split.name), "bigram": ref["bigram"].get(split.name)}
         comp = ref.get("compress", {}).get(split.name)
         if comp:
@@ -221,10 +220,10 @@ def split_baselines(corpus, tokenizer, split_name: str, num_tokens: int, num_byt
     from int_lm.data.baselines import NGramBaseline, _train_tokens, compress_bpb
 
     train, _ = _train_tokens(corpus)
-    model = NGramBaseline(train, tokenizer.vocab_size, tokenizer.boundary_token)
+    ngrams = NGramBaseline(train, tokenizer.vocab_size, tokenizer.boundary_token)
     toks = np.asarray(split.tokens[:num_tokens])
-    out = {"unigram": round(model.unigram_bits(toks) / num_bytes, 4),
-           "bigram": round(model.bigram_bits(toks) / num_bytes, 4)}
+    out = {"unigram": round(ngrams.unigram_bits(toks) / num_bytes, 4),
+           "bigram": round(ngrams.bigram_bits(toks) / num_bytes, 4)}
     comp = compress_bpb(split.raw_bytes(num_bytes))
     if comp:
         out["compressor"] = comp["best"]
@@ -241,7 +240,7 @@ def _ident_text(ident: dict[str, Any]) -> str:
     return f"{ident.get('name')} (K={ident.get('K')}, V={ident.get('vocab_size')}, sha256 {sha}...)"
 
 
-def check_tokenizer(expected: dict[str, Any] | None, tokenizer, model_shape: M.ModelShape | None = None) -> None:
+def check_tokenizer(expected: dict[str, Any] | None, tokenizer, model_shape: model.ModelShape | None = None) -> None:
     """Refuse evaluating a checkpoint with a tokenizer other than the one it was trained with."""
     got = tokenizer.identity()
     if expected:
@@ -260,8 +259,8 @@ def check_tokenizer(expected: dict[str, Any] | None, tokenizer, model_shape: M.M
             f"evaluate with the checkpoint's tokenizer")
 
 
-def check_params(params, shape: M.ModelShape) -> None:
-    want = M.param_shapes(shape)
+def check_params(params, shape: model.ModelShape) -> None:
+    want = model.param_shapes(shape)
     got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
     flat_w = jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple))
     flat_g = jax.tree_util.tree_leaves(got, is_leaf=lambda x: isinstance(x, tuple))
@@ -300,14 +299,14 @@ def evaluate(loaded, data_cfg, *, split: str = "validation", max_bytes: int | No
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate a loaded checkpoint (``checkpoint.LoadedModel``) on ``data_cfg``'s ``split``."""
     cfg = loaded.config
-    shape = M.ModelShape.from_config(cfg.model)
+    shape = model.ModelShape.from_config(cfg.model)
     meta = loaded.metadata or {}
-    tok = D.make_tokenizer(data_cfg)
+    tok = data.make_tokenizer(data_cfg)
     check_tokenizer(meta.get("tokenizer"), tok, shape)
     check_params(loaded.params, shape)
     if split not in ("validation", "test"):
         raise UserError(f"--split must be validation or test, got {split!r}")
-    corpus = D.load_corpus(data_cfg, tok, progress=progress)
+    corpus = data.load_corpus(data_cfg, tok, progress=progress)
     s = corpus.split(split)
     if getattr(s, "streamed", False) or len(s) == 0:
         raise UserError(f"the {split} split of {corpus.source} is empty; use the other split or another corpus")

@@ -42,9 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from int_lm import intmath as im
-from int_lm import model as M
-from int_lm import noise as N
+from int_lm import intmath, model, noise
 from int_lm.errors import UserError
 
 TEMP_BITS = 8                  # temperature in 1/256 steps
@@ -88,7 +86,8 @@ def quantise_temperature(temperature: float) -> int:
 
 def uniform_below(keys, total):
     """An exactly uniform int32 in [0, total) per row (total in [1, 2^30]), by rejection."""
-    bits = N.mix32(keys[:, None] + jnp.arange(TRIES, dtype=jnp.uint32)[None, :] * N.GOLDEN)  # (B, TRIES)
+    tries = jnp.arange(TRIES, dtype=jnp.uint32)[None, :]
+    bits = noise.mix32(keys[:, None] + tries * noise.GOLDEN)                                 # (B, TRIES)
     m = jnp.maximum(32 - lax.clz(jnp.maximum(total - 1, 1)), 1)                              # ceil(log2 total)
     u = (bits >> (32 - m)[:, None].astype(jnp.uint32)).astype(jnp.int32)                     # m bits
     ok = u < total[:, None]
@@ -120,8 +119,8 @@ def sample(logits, keys, temp_q, top_k: int = 0):
 
 
 def sample_keys(seed, position, rows: int):
-    return N.stream_key(jnp.uint32(seed), jnp.asarray(position, jnp.uint32),
-                        jnp.arange(rows, dtype=jnp.uint32), SAMPLER_ID)
+    return noise.stream_key(jnp.uint32(seed), jnp.asarray(position, jnp.uint32),
+                            jnp.arange(rows, dtype=jnp.uint32), SAMPLER_ID)
 
 
 def sampler_probabilities(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
@@ -146,13 +145,13 @@ def _generate(params, prompt, seed, temp_q, *, boundary: int, layers: int, max_n
 
     def choose(logits, i):
         if greedy:
-            return im.argmax_logits(logits)
+            return intmath.argmax_logits(logits)
         return sample(logits, sample_keys(seed, i, rows), temp_q, top_k)
 
     def keep_logits(logits, x, carry):
         return carry, logits
 
-    states, _, prompt_logits = M.scan_tokens(params, states, (prompt.T,), boundary, keep_logits)
+    states, _, prompt_logits = model.scan_tokens(params, states, (prompt.T,), boundary, keep_logits)
     first = choose(prompt_logits[-1], jnp.uint32(0))
 
     def choose_next(logits, i, carry):  # token i from the logits after token i - 1 (fed back as the carry)
@@ -160,11 +159,12 @@ def _generate(params, prompt, seed, temp_q, *, boundary: int, layers: int, max_n
         return tok, tok
 
     positions = jnp.arange(1, max_new_tokens, dtype=jnp.uint32)
-    _, _, rest = M.scan_tokens(params, states, positions, boundary, choose_next, feed=lambda i, tok: tok, carry=first)
+    _, _, rest = model.scan_tokens(params, states, positions, boundary, choose_next,
+                                   feed=lambda i, tok: tok, carry=first)
     return jnp.concatenate([first[None], rest]).T
 
 
-def generate(params, shape: M.ModelShape, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0,
+def generate(params, shape: model.ModelShape, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, seed: int = 0, greedy: bool = False, num_samples: int = 1) -> np.ndarray:
     """Continue ``prompt_ids`` (token ids, without the leading boundary) -> (num_samples, max_new_tokens).
 
@@ -246,7 +246,7 @@ class FixedPromptSampler:
     stream of (seed, position), so it touches no training randomness; the prompt length
     and ``new_tokens`` are fixed, so it compiles once.
     """
-    shape: M.ModelShape
+    shape: model.ModelShape
     prompt_ids: tuple
     decode_bytes: Callable
     new_tokens: int

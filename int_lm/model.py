@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from int_lm import backend
-from int_lm import intmath as im
+from int_lm import backend, intmath
 
 # Matrices that take a low-rank perturbation; everything else is a vector.
 LAYER_MATRICES = ("Wf", "Uf", "Wh", "Uh", "up", "down")
@@ -112,7 +111,7 @@ def init_params(shape: ModelShape, seed: int) -> dict:
 
     layers = {}
     for name in ("ln1", "ln2"):
-        layers[name] = np.full(shapes["layers"][name], im.ONE, np.int8)
+        layers[name] = np.full(shapes["layers"][name], intmath.ONE, np.int8)
     for name in LAYER_MATRICES:
         layers[name] = gaussian(shapes["layers"][name])
     for name in ("bf", "bh"):
@@ -120,7 +119,7 @@ def init_params(shape: ModelShape, seed: int) -> dict:
     params = {
         "embed": gaussian(shapes["embed"]),
         "layers": layers,
-        "ln_out": np.full(shapes["ln_out"], im.ONE, np.int8),
+        "ln_out": np.full(shapes["ln_out"], intmath.ONE, np.int8),
         "head": gaussian(shapes["head"]),
     }
     return jax.tree_util.tree_map(jnp.asarray, params)
@@ -162,13 +161,13 @@ def lowrank_dots(u, b):
     return jnp.sum(rows * b[:, None].astype(jnp.int32), axis=-1).reshape(p * group, r)
 
 
-def lowrank_term(u, a, b, shift: int, ub=None):
+def lowrank_term(u, a, b, shift: int, u_dots=None):
     """floor(sum_r (u . b_r) a_r / 2^shift) per row (a_r negated on odd rows of a pair), exact in int32.
 
     u (B, n) int8; a (B, r, out), b (B, r, n) int8 per row, or (B/2, r, .) per
     antithetic pair (see ``_row_signs``). The sum over r is one small reduction
     that XLA fuses with the products (faster than slicing per rank: docs/performance.md).
-    ``ub`` is ``lowrank_dots(u, b)`` when the caller has it already. The pair
+    ``u_dots`` is ``lowrank_dots(u, b)`` when the caller has it already. The pair
     sign goes on u . b_r (the same integer as negating a_r). |u . b_r| <= n 127^2;
     when the product with a_r could pass 2^31 it is split into high and low parts,
     ``(hi 2^s + lo) a >> s == hi a + (lo a >> s)``, so nothing overflows.
@@ -176,32 +175,32 @@ def lowrank_term(u, a, b, shift: int, ub=None):
     group, signs = _row_signs(u.shape[0], a.shape[0])
     p, r, out = a.shape
     n = b.shape[2]
-    ubr = (lowrank_dots(u, b) if ub is None else ub).reshape(p, group, r)
+    dots = (lowrank_dots(u, b) if u_dots is None else u_dots).reshape(p, group, r)
     if signs is not None:
-        ubr = ubr * signs[None, :, None]
-    ub4 = ubr[:, :, :, None]                  # (P, group, r, 1)
+        dots = dots * signs[None, :, None]
+    dots4 = dots[:, :, :, None]              # (P, group, r, 1)
     a4 = a[:, None, :, :].astype(jnp.int32)  # (P, 1, r, out)
     if r * n * 127 * 127 * 127 < 2**31:
-        term = jnp.sum(ub4 * a4, axis=2) >> shift
+        term = jnp.sum(dots4 * a4, axis=2) >> shift
     else:
         mask = (1 << shift) - 1
-        high = jnp.sum((ub4 >> shift) * a4, axis=2)
-        low = jnp.sum((ub4 & mask) * a4, axis=2)
+        high = jnp.sum((dots4 >> shift) * a4, axis=2)
+        low = jnp.sum((dots4 & mask) * a4, axis=2)
         term = high + (low >> shift)
     return term.reshape(p * group, out)
 
 
-def matmul(u, w, factor=None, shift: int = 0, ub=None):
+def matmul(u, w, factor=None, shift: int = 0, u_dots=None):
     """Scaled matmul of u (B, n) by w (out, n), optionally with low-rank noise per row or pair.
 
     With ``factor = (A, Bf)`` (see ``lowrank_term`` for the layouts) this is
     ``sat8(floor((u.w^T + ((u.Bf^T) . A >> shift)) / (16 isqrt(n))))``,
-    without ever forming A^T.Bf (``ub`` optionally gives u.Bf^T precomputed).
+    without ever forming A^T.Bf (``u_dots`` optionally gives u.Bf^T precomputed).
     """
     if factor is None:
-        return im.scaled_matmul(u, w)
+        return intmath.scaled_matmul(u, w)
     a, b = factor
-    return im.scaled_matmul(u, w, lowrank_term(u, a, b, shift, ub))
+    return intmath.scaled_matmul(u, w, lowrank_term(u, a, b, shift, u_dots))
 
 
 def embed(table, tokens, factor=None, shift: int = 0):
@@ -220,7 +219,7 @@ def embed(table, tokens, factor=None, shift: int = 0):
     if signs is not None:
         a_t = a_t * signs[None, None, :]
     pert = jnp.sum(a_t[..., None] * b[:, :, None, :].astype(jnp.int32), axis=1) >> shift  # (P, group, D)
-    return im.sat8(rows.astype(jnp.int32) + pert.reshape(p * group, -1))
+    return intmath.sat8(rows.astype(jnp.int32) + pert.reshape(p * group, -1))
 
 
 # ---------------------------------------------------------------------------
@@ -234,33 +233,29 @@ def _layer_factor(factors, name, layer):
     return a[layer], b[layer]
 
 
-def _vector(value, layer):
-    return value[layer]
-
-
 def gru_cell(x, s, lp, layer, factors, shift):
     """minGRU variant with identity 'sigmoid' and 'tanh' (saturation only)."""
     wf, wh = _layer_factor(factors, "Wf", layer), _layer_factor(factors, "Wh", layer)
     x_dots_f, x_dots_h = backend.wf_wh_dots(x, factors, layer, lowrank_dots)  # None: each matmul takes its own
-    f = im.sat_add(matmul(x, lp["Wf"][layer], wf, shift, x_dots_f),
-                   matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
-                   _vector(lp["bf"], layer))
-    g = f.astype(jnp.int32) + im.INT8_MAX  # [0, 254]: g / 256 in [0, 1)
-    sg = im.sat8((g * s.astype(jnp.int32)) >> 8)
-    hc = im.sat_add(matmul(x, lp["Wh"][layer], wh, shift, x_dots_h),
-                    matmul(sg, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
-                    _vector(lp["bh"], layer))
-    return im.gate_mix(g, s, hc)
+    f = intmath.sat_add(matmul(x, lp["Wf"][layer], wf, shift, x_dots_f),
+                        matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
+                        lp["bf"][layer])
+    g = f.astype(jnp.int32) + intmath.INT8_MAX  # [0, 254]: g / 256 in [0, 1)
+    gated_s = intmath.sat8((g * s.astype(jnp.int32)) >> 8)
+    hc = intmath.sat_add(matmul(x, lp["Wh"][layer], wh, shift, x_dots_h),
+                         matmul(gated_s, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
+                         lp["bh"][layer])
+    return intmath.gate_mix(g, s, hc)
 
 
 def block(x, s, lp, layer, factors, shift):
     """Pre-norm residual block: GRU then a two-matmul MLP, all saturating."""
-    h = gru_cell(backend.materialize(im.layer_norm(x, _vector(lp["ln1"], layer))), s, lp, layer, factors, shift)
-    x = backend.materialize(im.sat_add(x, h))
-    up = matmul(backend.materialize(im.layer_norm(x, _vector(lp["ln2"], layer))), lp["up"][layer],
+    h = gru_cell(backend.materialize(intmath.layer_norm(x, lp["ln1"][layer])), s, lp, layer, factors, shift)
+    x = backend.materialize(intmath.sat_add(x, h))
+    up = matmul(backend.materialize(intmath.layer_norm(x, lp["ln2"][layer])), lp["up"][layer],
                 _layer_factor(factors, "up", layer), shift)
-    x = backend.materialize(im.sat_add(x, matmul(up, lp["down"][layer],
-                                                 _layer_factor(factors, "down", layer), shift)))
+    x = backend.materialize(intmath.sat_add(x, matmul(up, lp["down"][layer],
+                                                      _layer_factor(factors, "down", layer), shift)))
     return x, h
 
 
@@ -280,7 +275,7 @@ def step(params, states, tokens, boundary_token: int, factors=None, shift: int =
     for layer, s in enumerate(states):
         x, h = block(x, s, lp, layer, layer_factors, shift)
         new_states.append(h)
-    logits = matmul(backend.materialize(im.layer_norm(x, params["ln_out"])), params["head"], get("head"), shift)
+    logits = matmul(backend.materialize(intmath.layer_norm(x, params["ln_out"])), params["head"], get("head"), shift)
     return logits, tuple(new_states)
 
 
@@ -331,7 +326,7 @@ def forward(params, states, inputs, targets, boundary_token: int, factors=None, 
     is the integer log-likelihood of each target in 1/16 bits.
     """
     def read(logits, x, carry):
-        ll = im.log_likelihood(logits, x[1])
+        ll = intmath.log_likelihood(logits, x[1])
         return carry, ((ll, logits) if return_logits else ll)
 
     states, _, out = scan_tokens(params, states, (inputs.T, targets.T), boundary_token, read,
