@@ -73,7 +73,8 @@ def check_limits(spec: EggrollSpec) -> None:
     if spec.rank * 127 * ((1 << spec.matrix_shift) - 1) >= 2 ** 31:
         raise UserError(f"es.rank={spec.rank} with es.sigma_shift={spec.sigma_shift} can overflow int32; "
                         f"lower es.sigma_shift or es.rank")
-    worst_pair = spec.rank * 127 * 127 * spec.fitness_levels   # |F_k a b| summed over r
+    # |F_k a b| summed over r; with levels > 1 the hi part of F a (see ``vote``) is at most 127 L + 127
+    worst_pair = spec.rank * 127 * (127 if spec.fitness_levels == 1 else 127 * spec.fitness_levels + 127)
     if (spec.chunk // 2) * worst_pair >= 2 ** 31 - 2 ** CARRY_BITS:
         raise UserError(f"es.chunk_size={spec.chunk} x es.rank={spec.rank} x es.fitness_levels="
                         f"{spec.fitness_levels} is too large for an exact int32 vote; set es.chunk_size to at most "
@@ -166,31 +167,31 @@ def fitness_second_moment(pairs: int, levels: int) -> float:
 def vote(noise, fitness, levels: int = 1) -> dict:
     """Z = sum_k F_k A_k B_k^T per matrix (int8 GEMMs, int32 sums); sum_k F_k a_k b_k per vector.
 
-    With |F| <= 1 one int8 GEMM per matrix. For |F| <= levels > 1 the vote runs one
-    int8 GEMM per bit of |F| (F = sum_j 2^j sign(F) bit_j(|F|), each plane in {-1, 0, 1}),
-    so F A never leaves int8 and every partial sum is exact.
+    With |F| <= 1, F A is still int8: one int8 GEMM per matrix. With |F| <= levels > 1,
+    F A (|F A| <= 127 L) is split as 128 hi + lo with lo in [0, 127] and hi in [-L, L],
+    both int8, and Z = 128 (hi . B) + lo . B: two int8 GEMMs, every partial sum exact.
     """
-    planes = max(1, int(levels).bit_length())
-    sign, mag = jnp.sign(fitness).astype(jnp.int8), jnp.abs(fitness)
     z = {}
     for path, (a, b) in noise.items():
         axis = pair_axis(path)
         f_shape = [1] * a.ndim
         f_shape[axis] = -1
+        f = fitness.reshape(f_shape)
         if not model.is_matrix(path):
-            z[path] = jnp.sum(fitness.reshape(f_shape) * a.astype(jnp.int32) * b.astype(jnp.int32), axis=axis)
+            z[path] = jnp.sum(f * a.astype(jnp.int32) * b.astype(jnp.int32), axis=axis)
             continue
         if a.ndim == 3:   # (P, r, out) x (P, r, n) -> (out, n)
             dims = (((0, 1), (0, 1)), ((), ()))
         else:             # (L, P, r, out) x (L, P, r, n) -> (L, out, n)
             dims = (((1, 2), (1, 2)), ((0,), (0,)))
-        total = None
-        for j in range(planes):
-            f8 = fitness.astype(jnp.int8) if planes == 1 else sign * ((mag >> j) & 1).astype(jnp.int8)
-            fa = a * f8.reshape(f_shape)  # |F A| <= 127: still int8
-            part = lax.dot_general(fa, b, dims, preferred_element_type=jnp.int32)
-            total = part if total is None else total + (part << j)
-        z[path] = total
+        if levels == 1:
+            fa = a * f.astype(jnp.int8)  # |F A| <= 127: still int8
+            z[path] = lax.dot_general(fa, b, dims, preferred_element_type=jnp.int32)
+            continue
+        fa = a.astype(jnp.int32) * f
+        hi, lo = (fa >> 7).astype(jnp.int8), (fa & 127).astype(jnp.int8)
+        z[path] = (lax.dot_general(hi, b, dims, preferred_element_type=jnp.int32) << 7) \
+            + lax.dot_general(lo, b, dims, preferred_element_type=jnp.int32)
     return z
 
 
@@ -235,8 +236,8 @@ def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pai
     (``spec.fitness_levels > 1``) needs every pair's score first: a first pass
     scores all chunks, ``gather_scores`` (identity on one device; the exact
     all-device gather under ``shard_map``) gives the whole population's scores,
-    and a second pass redraws each chunk's noise (a pure function of its ids)
-    and votes with the ranked fitness.
+    and a second pass votes with the ranked fitness, redrawing each chunk's noise (a
+    pure function of its ids; a single chunk keeps its noise from the first pass).
     """
     members = states.shape[1]
     chunk = min(spec.chunk, members)
@@ -256,14 +257,15 @@ def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pai
         scores, st = evaluate_members(spec, params, noise, st, chunk_tokens)
         if not ranked:
             acc = accumulate(acc, vote(noise, shape_fitness(scores)))
-        return lax.dynamic_update_slice_in_dim(states, st, first, axis=1), acc, scores
+        return lax.dynamic_update_slice_in_dim(states, st, first, axis=1), acc, scores, noise
 
-    if n_chunks == 1:
-        states, acc, scores = run_chunk(0, states, zero_votes(spec))
+    noise = None
+    if n_chunks == 1:   # one chunk: its noise is still at hand for a ranked vote
+        states, acc, scores, noise = run_chunk(0, states, zero_votes(spec))
     else:
         def body(c, carry):
             states, acc, all_scores = carry
-            states, acc, scores = run_chunk(c, states, acc)
+            states, acc, scores, _ = run_chunk(c, states, acc)
             return states, acc, lax.dynamic_update_slice_in_dim(all_scores, scores, c * chunk, axis=0)
 
         init = (states, zero_votes(spec), jnp.zeros((members,), jnp.int32))
@@ -279,5 +281,6 @@ def population_votes(spec: EggrollSpec, params, states, tokens, seed, epoch, pai
         f = lax.dynamic_slice_in_dim(fitness, c * chunk // 2, chunk // 2)
         return accumulate(acc, vote(chunk_noise(c, chunk_tokens), f, spec.fitness_levels))
 
-    acc = lax.fori_loop(0, n_chunks, vote_chunk, zero_votes(spec)) if n_chunks > 1 else vote_chunk(0, acc)
-    return acc, scores, states
+    if n_chunks == 1:
+        return accumulate(acc, vote(noise, fitness, spec.fitness_levels)), scores, states
+    return lax.fori_loop(0, n_chunks, vote_chunk, zero_votes(spec)), scores, states
