@@ -27,7 +27,7 @@ import pytest
 from int_lm import checkpoint as CK
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 14
+STEPS = 30
 EVERY = 2
 
 
