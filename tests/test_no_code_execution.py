@@ -9,6 +9,7 @@ unless ``data.trust_remote_code`` is set.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -154,3 +155,32 @@ def test_local_structured_files_never_pass_trust_remote_code(monkeypatch, tmp_pa
     f.write_text('{"text": "hello"}\n')
     assert list(S._datasets_docs([f], "json", "text")) == [("json:0", "hello")]
     assert rec.calls and not rec.calls[0].get("trust_remote_code")
+
+
+def test_export_holding_minus_128_is_refused(tmp_path):
+    """int8 -128 never arises in training and the CPU workarounds rely on it: a file holding it is refused."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    from int_lm import checkpoint as CK
+    from int_lm.checkpoint.arrays import _digest
+    from int_lm import config as C
+    from int_lm import model as M
+    shape = M.ModelShape(256, 8, 1)
+    cfg = C.validate(C.apply_values(C.Config(), {"model": {"layers": 1, "width": 8}}, "test"))
+    params = jax_tree_to_numpy(M.init_params(shape, 0))
+    good = CK.export_model(CK.LoadedModel(params=params, config=cfg, metadata={}, step=1), tmp_path / "m.safetensors")
+    with safe_open(str(good), framework="numpy") as f:
+        header = f.metadata()
+    flat = load_file(str(good))
+    flat["head"][0, 0] = -128
+    digests = json.loads(header["sha256"])
+    digests["head"] = _digest(flat["head"])   # a consistent file, only the value is out of range
+    header["sha256"] = json.dumps(digests)
+    save_file(flat, str(tmp_path / "bad.safetensors"), metadata=header)
+    with pytest.raises(CK.CheckpointError, match="holds -128"):
+        CK.load_model(tmp_path / "bad.safetensors")
+
+
+def jax_tree_to_numpy(tree):
+    import jax
+    return jax.tree_util.tree_map(np.asarray, tree)

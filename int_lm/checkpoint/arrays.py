@@ -104,3 +104,8 @@ def _check_arrays(flat: dict[str, np.ndarray], expected: dict[str, tuple[tuple, 
             raise CheckpointError(f"{where}: {name} has shape {tuple(a.shape)}, expected {shape}; {hint}")
         if digests is not None and digests.get(name) != _digest(a):
             raise CheckpointError(f"{where}: {name} does not match its saved sha256 (corrupted); {hint}")
+        if dtype == np.int8 and a.size and a.min() == -128:
+            # The model's int8 range is symmetric; -128 never arises in training, and the CPU
+            # workarounds (backend.materialize) rely on it.
+            raise CheckpointError(f"{where}: {name} holds -128, outside the symmetric int8 range [-127, 127] "
+                                  f"of int_lm models; {hint}")
