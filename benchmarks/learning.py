@@ -172,8 +172,9 @@ def loadavg() -> float | None:
 class Job:
     """One run: its command, where it ran, what it printed and when its clock started."""
 
-    def __init__(self, name: str, kind: str, cmd: list[str], out: Path, result_path: Path):
+    def __init__(self, name: str, kind: str, cmd: list[str], out: Path, result_path: Path, budget: float):
         self.name, self.kind, self.cmd, self.out, self.result_path = name, kind, cmd, out, result_path
+        self.budget = budget
         self.core = None
         self.notes: list[str] = []
         self.started = self.clock0 = self.ended = None
@@ -389,6 +390,8 @@ def main(argv=None) -> int:
                         help="an EGGROLL run (repeatable)")
     parser.add_argument("--backprop", action="store_true", help="add the float32 backprop baseline")
     parser.add_argument("--seconds", type=float, default=600.0, help="wall-clock budget of every run (s)")
+    parser.add_argument("--bp_seconds", type=float, default=None,
+                        help="the backprop baseline's budget (default: --seconds); it needs far less")
     parser.add_argument("--corpus", default="", help="shorthand for --data.source PATH (every run)")
     parser.add_argument("--out", default="runs/learning", help="output directory")
     parser.add_argument("--pin", type=int, nargs="+", default=None, metavar="CORE",
@@ -445,17 +448,18 @@ def main(argv=None) -> int:
             parser.error(f"{run_dir} is not empty (the trainer would resume it): choose another --out or remove it")
         cmd = [sys.executable, str(ROOT / "train.py"), "--config", config, "--train.steps=1000000000",
                *overrides, *extra, f"--train.run_dir={run_dir}", "--train.progress=false"]
-        jobs.append(Job(name, "es", cmd, out, run_dir))
+        jobs.append(Job(name, "es", cmd, out, run_dir, args.seconds))
     if args.backprop:
         config, extra = (args.bp_config, []) if args.bp_config or not runs else (runs[0][1], runs[0][2])
         config = config or "configs/default.toml"
         result = out / "backprop" / "result.json"
+        bp_seconds = args.bp_seconds or args.seconds
         cmd = [sys.executable, str(ROOT / "benchmarks" / "backprop.py"), "--config", config, *overrides, *extra,
-               "--seconds", f"{args.seconds:g}", "--json", str(result)]
+               "--seconds", f"{bp_seconds:g}", "--json", str(result)]
         for flag in ("batch", "seq_len", "lr", "seed", "eval_every_s"):
             if getattr(args, f"bp_{flag}") is not None:
                 cmd += [f"--{flag}", str(getattr(args, f"bp_{flag}"))]
-        jobs.append(Job("backprop", "backprop", cmd, out, result))
+        jobs.append(Job("backprop", "backprop", cmd, out, result, bp_seconds))
 
     lock = threading.Lock()
 
@@ -484,7 +488,7 @@ def main(argv=None) -> int:
         core = free.get()
         try:
             if not abort.is_set():
-                job.run(core, args.seconds, args.setup_timeout, args.stop_timeout, say)
+                job.run(core, job.budget, args.setup_timeout, args.stop_timeout, say)
         finally:
             free.put(core)
 
@@ -503,8 +507,8 @@ def main(argv=None) -> int:
     for job in jobs:
         if job.started is None:
             continue
-        res = (es_result(job.result_path, args.seconds) if job.kind == "es"
-               else bp_result(job.result_path, args.seconds))
+        res = (es_result(job.result_path, job.budget) if job.kind == "es"
+               else bp_result(job.result_path, job.budget))
         notes = job.notes + ([res.pop("error")] if "error" in res else [])
         report_runs.append({"name": job.name, "kind": job.kind, "command": job.cmd, "core": job.core,
                             "load": job.load, "notes": notes, **res})
