@@ -16,7 +16,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from int_lm import config as C
+from int_lm import config
 from int_lm.errors import UserError
 
 _WARNING = False     # a warning is being written (a stream lost while warning must not warn again)
@@ -136,31 +136,31 @@ def config_help(parser, rest: list[str], sections=None, defaults: bool = True, n
     """The config keys part of ``--help``: defaults after the ``--config`` file when there is one."""
     name = _config_file_named(parser, rest) if defaults else None
     if not name:
-        return C.help_text(C.Config(), sections=sections, defaults=defaults, note=note)
-    path = C.find_file(name).resolve()
-    for base in (Path.cwd(), C.REPO_ROOT):                 # configs/tiny.toml for --config tiny
+        return config.help_text(config.Config(), sections=sections, defaults=defaults, note=note)
+    path = config.find_file(name).resolve()
+    for base in (Path.cwd(), config.REPO_ROOT):            # configs/tiny.toml for --config tiny
         if path.is_relative_to(base):
             path = path.relative_to(base)
             break
-    return C.help_text(C.load_file(name), source=str(path), sections=sections, defaults=defaults, note=note)
+    return config.help_text(config.load_file(name), source=str(path), sections=sections, defaults=defaults, note=note)
 
 
-def _unknown(parser, unknown: list[str], sections=None) -> C.ConfigError:
+def _unknown(parser, unknown: list[str], sections=None) -> config.ConfigError:
     """One line for arguments the parser does not know, with a "did you mean" for a near miss."""
     import difflib
     arg = next((a for a in unknown if a.startswith("-")), unknown[0])
     name = arg.split("=", 1)[0]
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    config_keys = {k.name: k.option for k in C.keys(sections=sections)}
+    config_keys = {k.name: k.option for k in config.keys(sections=sections)}
     if not name.startswith("-"):
-        return C.ConfigError(f"unexpected argument {arg!r} (python {parser.prog} --help lists the arguments)")
+        return config.ConfigError(f"unexpected argument {arg!r} (python {parser.prog} --help lists the arguments)")
     bare = name.lstrip("-")
     if bare in config_keys:                                    # --steps: a config key without its section
         hint = f"; did you mean {config_keys[bare]}?"
     else:
         close = difflib.get_close_matches(name, options + list(config_keys.values()), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else ""
-    return C.ConfigError(f"unknown option {name}{hint} (python {parser.prog} --help lists every option and "
+    return config.ConfigError(f"unknown option {name}{hint} (python {parser.prog} --help lists every option and "
                          f"config key)")
 
 
@@ -182,11 +182,11 @@ def run_main(parser, body, argv=None, *, warn_when_output_lost: bool = True, sec
     debug = "--debug" in argv
 
     def parser_error(message):
-        raise C.ConfigError(f"{message} (python {parser.prog} --help lists the arguments)")
+        raise config.ConfigError(f"{message} (python {parser.prog} --help lists the arguments)")
 
     with tolerant_output(warn_when_output_lost):
         try:
-            values, rest = C.parse_overrides(argv)
+            values, rest = config.parse_overrides(argv)
             if "-h" in rest or "--help" in rest:
                 parser.epilog = config_help(parser, rest, sections, help_defaults, help_note)
             parser.error = parser_error
@@ -195,13 +195,13 @@ def run_main(parser, body, argv=None, *, warn_when_output_lost: bool = True, sec
                 raise _unknown(parser, unknown, sections)
             extra = sorted(f"--{s}.{k}" for s, keys in values.items() if sections and s not in sections for k in keys)
             if extra:
-                raise C.ConfigError(f"{parser.prog} takes only {' and '.join(f'--{s}.KEY' for s in sections)} "
+                raise config.ConfigError(f"{parser.prog} takes only {' and '.join(f'--{s}.KEY' for s in sections)} "
                                     f"overrides; remove {', '.join(extra)} (python {parser.prog} --help lists them)")
             # What the user set explicitly (a resumed run keeps its saved config for everything else).
             args.overrides = values
             args.config_given = any(a == "--config" or a.startswith("--config=") for a in rest)
-            cfg = C.load_file(args.config) if getattr(args, "config", None) else C.Config()
-            cfg = C.validate(C.apply_values(cfg, values, "the command line"))
+            cfg = config.load_file(args.config) if getattr(args, "config", None) else config.Config()
+            cfg = config.validate(config.apply_values(cfg, values, "the command line"))
             status = body(args, cfg)
             return status if isinstance(status, int) else 0
         except UserError as err:

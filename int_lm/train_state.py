@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from int_lm import model as M
+from int_lm import model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +23,10 @@ class TrainState:
     seed: int
 
 
-def init(shape: M.ModelShape, population: int, rule, seed: int) -> TrainState:
+def init(shape: model.ModelShape, population: int, rule, seed: int) -> TrainState:
     """A fresh run: seeded weights, zero member states, the rule's initial state."""
-    params = M.init_params(shape, seed)
-    return TrainState(params=params, states=M.init_state(shape, population), opt_state=rule.init(params),
+    params = model.init_params(shape, seed)
+    return TrainState(params=params, states=model.init_state(shape, population), opt_state=rule.init(params),
                       step=0, cursor={}, seed=seed)
 
 

@@ -28,19 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from int_lm import __version__, backend, checkpoint, data, eggroll, intmath, optim, stopping, train_state
-from int_lm import config as C
-from int_lm import distributed as DIST
-from int_lm import generate as G
-from int_lm import model as M
+from int_lm import config
+from int_lm import distributed
+from int_lm import generate
+from int_lm import model
 from int_lm.errors import UserError
 from int_lm.logging import NullTracker, TensorBoardTracker, TolerantTracker
 
 
-def resolve_model_config(cfg: C.Config, tokenizer) -> C.Config:
+def resolve_model_config(cfg: config.Config, tokenizer) -> config.Config:
     """The vocabulary size and boundary token come from the tokenizer."""
-    model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size,
-                                boundary_token=tokenizer.boundary_token)
-    return C.validate(dataclasses.replace(cfg, model=model))
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size,
+                                    boundary_token=tokenizer.boundary_token)
+    return config.validate(dataclasses.replace(cfg, model=model_cfg))
 
 
 def package_versions() -> dict[str, str]:
@@ -54,9 +54,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_metadata(cfg: C.Config, tokenizer, corpus, shape: M.ModelShape) -> dict[str, Any]:
+def run_metadata(cfg: config.Config, tokenizer, corpus, shape: model.ModelShape) -> dict[str, Any]:
     return {
-        "config": C.to_dict(cfg),
+        "config": config.to_dict(cfg),
         "tokenizer": tokenizer.identity(),
         "corpus": corpus.describe(),
         "versions": package_versions(),
@@ -64,22 +64,22 @@ def run_metadata(cfg: C.Config, tokenizer, corpus, shape: M.ModelShape) -> dict[
         "cpu": backend.cpu_flags(),
         "backend": jax.default_backend(),
         "device_count": jax.device_count(),
-        "param_count": M.param_count(shape),
+        "param_count": model.param_count(shape),
     }
 
 
-def make_validator(shape: M.ModelShape, block: np.ndarray, num_bytes: int):
+def make_validator(shape: model.ModelShape, block: np.ndarray, num_bytes: int):
     """Bits per byte of the unperturbed model on a fixed validation block (state carried).
 
     Reported exactly (float64 on the host from the integer logits), since the
     integer loss reads up to ~0.13 bit per token optimistic.
     """
     inputs, targets = jnp.asarray(block[:, :-1]), jnp.asarray(block[:, 1:])
-    state0 = M.init_state(shape, block.shape[0])
+    state0 = model.init_state(shape, block.shape[0])
 
     @jax.jit
     def logits_of(params):
-        _, _, logits = M.forward(params, state0, inputs, targets, shape.boundary_token, return_logits=True)
+        _, _, logits = model.forward(params, state0, inputs, targets, shape.boundary_token, return_logits=True)
         return logits
 
     def validate(params) -> float:
@@ -97,10 +97,10 @@ def summary_lines(title: str, items: dict[str, Any]) -> str:
 @dataclasses.dataclass
 class Run:
     """Everything the loop needs besides the train state, built once by :func:`build_run`."""
-    cfg: C.Config
-    shape: M.ModelShape
+    cfg: config.Config
+    shape: model.ModelShape
     rule: optim.UpdateRule
-    layout: DIST.Layout
+    layout: distributed.Layout
     stream: Any              # data.BatchStream: this process's rows of each step
     run_dir: Path
     meta: dict               # metadata.json, also saved in every checkpoint
@@ -116,10 +116,10 @@ class Run:
     sampler: Any = None      # generate.FixedPromptSampler (train.sample_tokens); None when off or process > 0
 
 
-def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
+def build_run(cfg: config.Config, *, tracker=None, progress: bool | None = None, log=print,
               overrides: dict | None = None) -> tuple[Run, train_state.TrainState]:
     """Set up a run (resuming ``cfg.train.run_dir`` if it has checkpoints): returns (run, first state)."""
-    main = DIST.is_main()          # process 0 logs and writes the run's files
+    main = distributed.is_main()          # process 0 logs and writes the run's files
     plan = checkpoint.plan_resume(cfg, overrides)
     if plan is not None:
         cfg = dataclasses.replace(plan.config, dist=cfg.dist)  # this launch's processes, not the saved ones
@@ -127,7 +127,7 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
     tokenizer = data.make_tokenizer(cfg.data)
     cfg = resolve_model_config(cfg, tokenizer)
     corpus = data.load_corpus(cfg.data, tokenizer, progress=progress)
-    shape = M.ModelShape.from_config(cfg.model)
+    shape = model.ModelShape.from_config(cfg.model)
     spec = eggroll.EggrollSpec.from_config(cfg)
     eggroll.check_limits(spec)
     es, tc = cfg.es, cfg.train
@@ -136,7 +136,7 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if main:
-            checkpoint.atomic_write(run_dir / "config.toml", C.to_toml(cfg))
+            checkpoint.atomic_write(run_dir / "config.toml", config.to_toml(cfg))
     except OSError as err:
         raise UserError(f"cannot write the run directory {run_dir} ({err.strerror}); "
                         f"choose a writable --train.run_dir") from None
@@ -154,12 +154,12 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
         val_ref["compressor"] = ref["compress"]["validation"]["best"]
 
     rows = es.population // es.group_size
-    layout = DIST.Layout.create(spec)  # the population over every device; trivial on one device
+    layout = distributed.Layout.create(spec)  # the population over every device; trivial on one device
     rule = optim.make(es)
     state = train_state.init(shape, es.population, rule, tc.seed)
     cursor = None
     if plan is not None:
-        restored = DIST.resume(plan, run_dir, tokenizer, corpus, log=log)
+        restored = distributed.resume(plan, run_dir, tokenizer, corpus, log=log)
         state, cursor = train_state.from_restored(restored, rule), restored.cursor
         checkpoint.mark_tensorboard_restart(tracker, restored.step)
     stream = data.BatchStream(corpus.split("train"), rows, es.tokens_per_update, tc.seed, cursor=cursor,
@@ -172,16 +172,17 @@ def build_run(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=
                               data.eval_slice_bytes(val_split, val_rows, val_len))
     sampler = None
     if tc.sample_tokens and main:
-        prompt = G.line_start_prompt(val_split.tokens, shape.boundary_token, tokenizer.decode_bytes)
-        sampler = G.FixedPromptSampler(shape, tuple(int(t) for t in prompt), tokenizer.decode_bytes, tc.sample_tokens)
+        prompt = generate.line_start_prompt(val_split.tokens, shape.boundary_token, tokenizer.decode_bytes)
+        sampler = generate.FixedPromptSampler(shape, tuple(int(t) for t in prompt), tokenizer.decode_bytes,
+                                              tc.sample_tokens)
     run = Run(cfg=cfg, shape=shape, rule=rule, layout=layout, stream=stream, run_dir=run_dir, meta=meta,
               tracker=tracker, validate=validate, val_ref=val_ref, token_bytes=tokenizer.token_bytes(),
-              ckpt=DIST.checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log),
+              ckpt=distributed.checkpointer(run_dir, tc.keep_checkpoints, resume_step=plan and plan.step, log=log),
               votes_fn=layout.votes_fn(), update_fn=jax.jit(rule.update, donate_argnums=(0, 1)),
               resumed=plan is not None, progress=progress, sampler=sampler)
     log(summary_lines("int_lm: EGGROLL training", {
         "model": f"{shape.layers} layers x {shape.width} wide, V={shape.vocab_size} "
-                 f"({M.param_count(shape):,} int8 parameters)",
+                 f"({model.param_count(shape):,} int8 parameters)",
         "population": f"{es.population} ({es.population // 2} antithetic pairs, group size {es.group_size}, "
                       f"rank {es.rank}, sigma 2^-{es.sigma_shift})",
         "update rule": es.optimizer,
@@ -240,7 +241,7 @@ def evaluate(run: Run, state: train_state.TrainState) -> dict[str, Any]:
     params = run.layout.local(state.params)
     val_bpb = run.validate(params)
     for path in HISTOGRAMS:
-        run.tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(M.get_leaf(state.params, path)))
+        run.tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(model.get_leaf(state.params, path)))
     out = {"val/bits_per_byte": val_bpb, **{f"val/baseline_{k}": v for k, v in run.val_ref.items()}}
     if run.sampler is not None:
         t0 = time.perf_counter()
@@ -373,7 +374,7 @@ def save_after_error(run: Run, state: train_state.TrainState, record: RunRecord,
                  f"{run.ckpt.root}; run the same command to resume")
 
 
-def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=print,
+def train(cfg: config.Config, *, tracker=None, progress: bool | None = None, log=print,
           overrides: dict | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns a summary dict (final metrics, paths, timings, the final state).
 
@@ -384,9 +385,9 @@ def train(cfg: C.Config, *, tracker=None, progress: bool | None = None, log=prin
     start-up it raises :class:`int_lm.stopping.Interrupted`.
     """
     with stopping.StopSignals() as stop:        # until stop.defer(): a signal stops at once, nothing to save
-        if DIST.initialize(cfg.dist):   # joins a multi-process run if dist.* / JAX_* / SLURM say so
+        if distributed.initialize(cfg.dist):   # joins a multi-process run if dist.* / JAX_* / SLURM say so
             stop.reinstall()            # over jax.distributed's own SIGTERM handler
-        if not DIST.is_main():
+        if not distributed.is_main():
             log = lambda *a, **k: None  # noqa: E731
         run, state = build_run(cfg, tracker=tracker, progress=progress, log=log, overrides=overrides)
         tc = run.cfg.train

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from int_lm import config as C
+from int_lm import config
 from int_lm.errors import UserError
 
 
@@ -70,15 +70,15 @@ def _flat_state(state) -> dict[str, np.ndarray]:
     return flat
 
 
-def _expected_arrays(cfg: C.Config) -> dict[str, tuple[tuple, np.dtype]]:
+def _expected_arrays(cfg: config.Config) -> dict[str, tuple[tuple, np.dtype]]:
     """Name -> (shape, dtype) of every array a checkpoint of ``cfg`` holds."""
     import jax
-    from int_lm import model as M
+    from int_lm import model
     from int_lm import optim
-    shape = M.ModelShape.from_config(cfg.model)
-    out = {"params." + k: (tuple(v), np.dtype(np.int8)) for k, v in _flat(M.param_shapes(shape)).items()}
+    shape = model.ModelShape.from_config(cfg.model)
+    out = {"params." + k: (tuple(v), np.dtype(np.int8)) for k, v in _flat(model.param_shapes(shape)).items()}
     out["states"] = ((shape.layers, cfg.es.population, shape.width), np.dtype(np.int8))
-    params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.int8), M.param_shapes(shape),
+    params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.int8), model.param_shapes(shape),
                                     is_leaf=lambda x: isinstance(x, tuple))
     opt = jax.eval_shape(optim.make(cfg.es).init, params)
     for k, v in _flat(dict(opt)).items():
@@ -86,7 +86,7 @@ def _expected_arrays(cfg: C.Config) -> dict[str, tuple[tuple, np.dtype]]:
     return out
 
 
-def _param_arrays(cfg: C.Config) -> dict[str, tuple[tuple, np.dtype]]:
+def _param_arrays(cfg: config.Config) -> dict[str, tuple[tuple, np.dtype]]:
     """The weights alone (an exported model), without the ``params.`` prefix."""
     return {k[len("params."):]: v for k, v in _expected_arrays(cfg).items() if k.startswith("params.")}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from int_lm import config as C
+from int_lm import config
 from int_lm.checkpoint.arrays import _check_arrays, _digest, _flat, _param_arrays, _unflat
 from int_lm.checkpoint.store import CHECKPOINTS, CheckpointError, atomic_write, list_steps, restore
 from int_lm.errors import UserError
@@ -24,7 +24,7 @@ EXPORT_FORMAT = "int_lm-export-v1"
 @dataclasses.dataclass
 class LoadedModel:
     params: dict            # int8 NumPy arrays, model.param_shapes layout
-    config: C.Config
+    config: config.Config
     metadata: dict          # run metadata: config, tokenizer identity, corpus fingerprint, versions, ...
     step: int
     source: str = ""        # the run directory or exported file it came from
@@ -32,8 +32,8 @@ class LoadedModel:
 
     @property
     def shape(self):
-        from int_lm import model as M
-        return M.ModelShape.from_config(self.config.model)
+        from int_lm import model
+        return model.ModelShape.from_config(self.config.model)
 
 
 def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
@@ -66,7 +66,7 @@ def _load_export(path: Path) -> LoadedModel:
         raise CheckpointError(f"{path} is not an {EXPORT_FORMAT} file (format {header.get('format')!r}); {hint}")
     try:
         metadata = json.loads(header["metadata"])
-        cfg = C.validate(C.from_dict(json.loads(header["config"])))
+        cfg = config.validate(config.from_dict(json.loads(header["config"])))
         step = int(header["step"])
         digests = json.loads(header["sha256"])
     except (KeyError, ValueError, UserError) as err:
@@ -93,7 +93,7 @@ def export_model(src: str | Path | LoadedModel, out_path: str | Path, step: int 
     header = {
         "format": EXPORT_FORMAT,
         "step": str(model.step),
-        "config": json.dumps(C.to_dict(model.config)),
+        "config": json.dumps(config.to_dict(model.config)),
         "tokenizer": json.dumps(metadata.get("tokenizer")),
         "metadata": json.dumps(metadata),
         "sha256": json.dumps({k: _digest(v) for k, v in flat.items()}),

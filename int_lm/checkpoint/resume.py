@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from int_lm import config as C
+from int_lm import config
 from int_lm.checkpoint.store import (CheckpointError, Restored, _fallback_hint, _fsync_write, checkpoint_dir,
                                      list_steps, read_meta, restore)
 from int_lm.errors import UserError
@@ -56,16 +56,16 @@ def _why_locked(key: str) -> str:
 @dataclasses.dataclass
 class ResumePlan:
     step: int
-    config: C.Config
+    config: config.Config
     changes: dict[str, tuple[Any, Any]]
     steps: list[int]
     metadata: dict
 
 
-explicit_values = C.explicit_values   # moved to config (which keys the user set); kept for callers
+explicit_values = config.explicit_values   # moved to config (which keys the user set); kept for callers
 
 
-def plan_resume(cfg: C.Config, overrides: dict[str, dict[str, Any]] | None = None) -> ResumePlan | None:
+def plan_resume(cfg: config.Config, overrides: dict[str, dict[str, Any]] | None = None) -> ResumePlan | None:
     """Decide whether ``cfg.train.run_dir`` resumes, from which step, with which config.
 
     ``overrides``: the ``{section: {key: value}}`` the user set explicitly (the
@@ -87,16 +87,16 @@ def plan_resume(cfg: C.Config, overrides: dict[str, dict[str, Any]] | None = Non
                               f"available: {', '.join(map(str, steps))}")
     meta = read_meta(run_dir, step, steps)
     try:
-        saved = C.validate(C.from_dict(meta["metadata"]["config"]))
+        saved = config.validate(config.from_dict(meta["metadata"]["config"]))
     except (UserError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint step {step} in {run_dir}: saved config unusable ({err}); "
                               f"{_fallback_hint(run_dir, step, steps)}") from None
     if overrides is None:
         asked = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in _DERIVED}
-                 for sec, vals in C.to_dict(cfg).items()}
+                 for sec, vals in config.to_dict(cfg).items()}
     else:
         asked = overrides
-    wanted = C.apply_values(saved, asked, "the command line")
+    wanted = config.apply_values(saved, asked, "the command line")
     changes: dict[str, tuple[Any, Any]] = {}
     for section, entries in asked.items():
         for key in entries:
@@ -111,7 +111,7 @@ def plan_resume(cfg: C.Config, overrides: dict[str, dict[str, Any]] | None = Non
                     f"another --train.run_dir")
             changes[name] = (old, new)
     train = dataclasses.replace(wanted.train, run_dir=cfg.train.run_dir, resume_from=-1)
-    final = C.validate(dataclasses.replace(wanted, train=train))
+    final = config.validate(dataclasses.replace(wanted, train=train))
     return ResumePlan(step=step, config=final, changes=changes, steps=steps, metadata=meta["metadata"])
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from int_lm import config as C
+from int_lm import config
 from int_lm.checkpoint.arrays import (CheckpointError, _check_arrays, _digest, _expected_arrays, _flat,
                                       _flat_state, _unflat)
 from int_lm.errors import UserError
@@ -162,7 +162,7 @@ class Restored:
     step: int
     cursor: dict
     seed: int
-    config: C.Config
+    config: config.Config
     metadata: dict          # run metadata: config, tokenizer, corpus, versions, ...
     opt_state: dict = dataclasses.field(default_factory=dict)   # the update rule's state ({}: none)
 
@@ -182,7 +182,7 @@ def restore(run_dir: str | Path, step: int | None = None) -> Restored:
     where = f"checkpoint step {step} in {checkpoint_dir(run_dir)}"
     hint = _fallback_hint(run_dir, step, steps)
     try:
-        cfg = C.validate(C.from_dict(meta["metadata"]["config"]))
+        cfg = config.validate(config.from_dict(meta["metadata"]["config"]))
     except (UserError, KeyError, TypeError) as err:
         raise CheckpointError(f"{where}: its saved config is unusable ({err}); {hint}") from None
     shapes = _expected_arrays(cfg)

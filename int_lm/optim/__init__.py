@@ -16,19 +16,20 @@ from __future__ import annotations
 from int_lm.optim import momentum, sign
 from int_lm.optim.base import UpdateRule, alpha_at, thresholds  # noqa: F401 (the public API)
 
+# es.optimizer -> the module (anything with ``make(es)``, optionally ``check_limits(es)``).
 RULES = {
-    "sign": sign.make,
-    "momentum": momentum.make,
+    "sign": sign,
+    "momentum": momentum,
 }
 
 
 def check_limits(es) -> None:
     """Refuse the chosen rule's settings outside its documented bounds (a UserError naming the key)."""
-    module = {"sign": sign, "momentum": momentum}[es.optimizer]
+    module = RULES[es.optimizer]
     if hasattr(module, "check_limits"):
         module.check_limits(es)
 
 
 def make(es) -> UpdateRule:
     """The update rule ``es.optimizer`` names, built for the ``ESConfig`` ``es``."""
-    return RULES[getattr(es, "optimizer", "sign")](es)
+    return RULES[getattr(es, "optimizer", "sign")].make(es)

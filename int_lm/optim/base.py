@@ -9,9 +9,9 @@ from typing import Any, Callable, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from int_lm import eggroll as E
-from int_lm import intmath as im
-from int_lm import model as M
+from int_lm import eggroll
+from int_lm import intmath
+from int_lm import model
 
 
 class UpdateRule(NamedTuple):
@@ -48,7 +48,7 @@ def vote_sigmas(population: int, rank: int, fitness_levels: int = 1) -> tuple[fl
     so std(Z) = 256 sqrt(N r E[F^2] / 2); a vector vote has r = 1. E[F^2] = 1 for
     sign shaping (``eggroll.fitness_second_moment``).
     """
-    f2 = E.fitness_second_moment(population // 2, fitness_levels)
+    f2 = eggroll.fitness_second_moment(population // 2, fitness_levels)
     base = 256.0 * math.sqrt(population / 2.0 * f2)
     return base * math.sqrt(rank), base
 
@@ -73,12 +73,12 @@ def round_shift(x, shift: int):
 
 def vote_values(votes: dict) -> dict:
     """{path: Z} as int32 from the exact (hi, lo) sums (saturated far above any threshold)."""
-    return {path: E.vote_value(hi, lo) for path, (hi, lo) in votes.items()}
+    return {path: eggroll.vote_value(hi, lo) for path, (hi, lo) in votes.items()}
 
 
 def by_kind(path, matrix_value, vector_value):
     """The matrix or the vector variant of a per-kind setting, for ``path``."""
-    return matrix_value if M.is_matrix(path) else vector_value
+    return matrix_value if model.is_matrix(path) else vector_value
 
 
 def move(params: dict, steps: dict) -> tuple[dict, dict[str, Any]]:
@@ -92,13 +92,13 @@ def move(params: dict, steps: dict) -> tuple[dict, dict[str, Any]]:
     totals = {"matrix": 0, "vector": 0}
     saturated = jnp.int32(0)
     for path, step in steps.items():
-        w = M.get_leaf(params, path)
-        kind = "matrix" if M.is_matrix(path) else "vector"
-        w_new = im.sat8(w.astype(jnp.int32) + step)
+        w = model.get_leaf(params, path)
+        kind = "matrix" if model.is_matrix(path) else "vector"
+        w_new = intmath.sat8(w.astype(jnp.int32) + step)
         moved[kind] = moved[kind] + jnp.sum((w_new != w).astype(jnp.int32))
         totals[kind] += int(np.prod(w.shape))
-        saturated = saturated + jnp.sum((jnp.abs(w_new.astype(jnp.int32)) == im.INT8_MAX).astype(jnp.int32))
-        M.set_leaf(new, path, w_new)
+        saturated = saturated + jnp.sum((jnp.abs(w_new.astype(jnp.int32)) == intmath.INT8_MAX).astype(jnp.int32))
+        model.set_leaf(new, path, w_new)
     return new, {
         "moved_matrix": moved["matrix"],
         "moved_vector": moved["vector"],

@@ -30,8 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from int_lm import intmath as im
-from int_lm import model as M
+from int_lm import intmath
+from int_lm import model
 from int_lm.errors import UserError
 from int_lm.optim import base
 
@@ -94,17 +94,17 @@ def make(es) -> base.UpdateRule:
         new_state = {"momentum": {"layers": {}}, "master": {"layers": {}}}
         steps = {}
         for path, z in base.vote_values(votes).items():
-            kind = "matrix" if M.is_matrix(path) else "vector"
+            kind = "matrix" if model.is_matrix(path) else "vector"
             zhat = jnp.clip(base.round_shift(z, shifts[kind]), -ZMAX, ZMAX)
-            m = M.get_leaf(state["momentum"], path)
+            m = model.get_leaf(state["momentum"], path)
             m = m - base.round_shift(m, beta) + zhat if beta else zhat
             dw = base.round_shift(jnp.clip(m, -MMAX, MMAX) * hyper[f"eta_{kind}"], ETA_BITS)
-            master = M.get_leaf(state["master"], path).astype(jnp.int32)
+            master = model.get_leaf(state["master"], path).astype(jnp.int32)
             master = jnp.clip(master + dw, w_min, w_max)
-            w = im.sat8((master + (1 << fbits >> 1)) >> fbits)
-            steps[path] = w - M.get_leaf(params, path).astype(jnp.int32)
-            M.set_leaf(new_state["momentum"], path, m)
-            M.set_leaf(new_state["master"], path, master.astype(jnp.int16))
+            w = intmath.sat8((master + (1 << fbits >> 1)) >> fbits)
+            steps[path] = w - model.get_leaf(params, path).astype(jnp.int32)
+            model.set_leaf(new_state["momentum"], path, m)
+            model.set_leaf(new_state["master"], path, master.astype(jnp.int16))
         params, stats = base.move(params, steps)
         return params, new_state, stats
 
