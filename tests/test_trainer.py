@@ -117,3 +117,34 @@ def test_resume_with_optimiser_state_is_bit_exact(tmp_path, word_corpus):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     key = "train/bits_per_byte_mean"
     assert [h[key] for h in ref["history"]] == [h[key] for h in resumed["history"]]
+
+
+def test_rule_screen_rebuilds_the_momentum_rule(tmp_path, word_corpus, monkeypatch):
+    """benchmarks/rule_screen.py's family contains the shipped rule: its linear, beta-2, 8-fraction-bit
+    variant moves the weights exactly as es.optimizer = "momentum" (no clipping is reached here), so
+    the screening rows and the shipped rule are measured on the same footing."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from int_lm import optim
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "rule_screen.py"
+    spec = importlib.util.spec_from_file_location("rule_screen", path)
+    screen = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec.loader.exec_module(screen)
+    rule = screen.parse_rule('{"beta": 2, "mode": "linear", "fine": 8, "lr": 0.4}')
+    monkeypatch.setitem(optim.RULES, "screen", SimpleNamespace(make=screen.make_screen_rule(rule)))
+    runs = {}
+    for name in ("momentum", "screen"):
+        cfg = tiny_config(tmp_path / name, word_corpus, steps=5, eval_every=5)
+        es = {**RULES["momentum"], "optimizer": name}
+        runs[name] = train(C.validate(C.apply_values(cfg, {"es": es}, "test")), log=lambda *a: None)
+    moved = [h["update/moved_matrix_fraction"] for h in runs["momentum"]["history"]]
+    assert max(moved) > 0, "the rule never moved a weight: the comparison would be empty"
+    for a, b in zip(jax.tree_util.tree_leaves(runs["momentum"]["state"].params),
+                    jax.tree_util.tree_leaves(runs["screen"]["state"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(Exception, match="unknown keys"):
+        screen.parse_rule('{"betta": 2}')
