@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path[:1]:
     sys.path.insert(0, str(ROOT))
 
-from int_lm import config as C  # noqa: E402
+from int_lm.config import parse_overrides  # noqa: E402
 
 ES_STARTED = "int_lm: EGGROLL training"       # the trainer's banner, printed just before its clock starts
 BP_STARTED = "backprop: training started"     # benchmarks/backprop.py's
@@ -270,6 +270,11 @@ def shared_baselines(runs: list[dict]) -> dict:
     return {}
 
 
+def run_budget(report: dict, run: dict) -> float:
+    """A run's own budget: backprop's may be shorter (``--bp_seconds``); older reports lack the key."""
+    return run.get("budget_s") or run.get("settings", {}).get("seconds") or report["budget_s"]
+
+
 def table(report: dict) -> str:
     budget, reach = report["budget_s"], report.get("reach", [])
     marks = marks_for(budget, report.get("marks_s"))
@@ -281,15 +286,16 @@ def table(report: dict) -> str:
     rows = []
     for r in runs:
         cells = [r["name"], "backprop (Adam, float32)" if r["kind"] == "backprop" else "EGGROLL (int8)"]
+        own = run_budget(report, r)
         for m in marks:
-            p = value_at(r["curve"], m)
+            p = value_at(r["curve"], m) if m <= own else None     # no value past a run's own budget
             cells.append("-" if p is None else f"{p['val_bits_per_byte']:.3f}")
         cells += [str(r["steps"]), "-" if not r.get("tokens_per_s") else f"{r['tokens_per_s']:,.0f}"]
         for thr in reach:
-            t = time_to_reach(r["curve"], thr, budget)
-            cells.append(f"{t:.0f}" if t is not None else f"not in {budget:g}")
+            t = time_to_reach(r["curve"], thr, own)
+            cells.append(f"{t:.0f}" if t is not None else f"not in {own:g}")
             if bp:
-                tb = time_to_reach(bp["curve"], thr, budget)
+                tb = time_to_reach(bp["curve"], thr, run_budget(report, bp))
                 if r is bp:
                     cells.append("1" if tb is not None else "-")
                 elif tb is None:
@@ -320,6 +326,11 @@ def table(report: dict) -> str:
                    f"({' '.join(m.get('cpu_flags', [])) or 'flags unknown'}). Load average (1 min) at each run's "
                    "start/end: " + ", ".join(f"{r['name']} {r.get('load', {}).get('start')}/"
                                              f"{r.get('load', {}).get('end')}" for r in runs) + ".")
+    shorter = [f"{r['name']} ran for {fmt_time(run_budget(report, r))}" for r in runs
+               if run_budget(report, r) < budget]
+    if shorter:
+        out += ["", "Shorter budgets: " + ", ".join(shorter) + " (cells after it: -); its times to reach a "
+                "threshold and the ratios use its own run."]
     notes = [f"{r['name']}: {'; '.join(r['notes'])}" for r in runs if r.get("notes")]
     if notes:
         out += ["", "Notes: " + " ".join(notes)]
@@ -414,7 +425,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stop_timeout", "--stop-timeout", type=float, default=600.0,
                         help="seconds a run may take to save and exit after SIGINT")
     parser.add_argument("--replot", default="", metavar="DIR", help="rewrite table and plot from DIR/learning.json")
-    values, rest = C.parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    values, rest = parse_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
 
     if args.replot:
@@ -511,7 +522,7 @@ def main(argv=None) -> int:
                else bp_result(job.result_path, job.budget))
         notes = job.notes + ([res.pop("error")] if "error" in res else [])
         report_runs.append({"name": job.name, "kind": job.kind, "command": job.cmd, "core": job.core,
-                            "load": job.load, "notes": notes, **res})
+                            "budget_s": job.budget, "load": job.load, "notes": notes, **res})
     bases = {json.dumps(r["baselines"], sort_keys=True) for r in report_runs if r.get("baselines")}
     if len(bases) > 1:
         say("warning: the runs report different baselines: were they on the same corpus and split?")

@@ -129,6 +129,22 @@ def test_curve_reading_and_table():
     assert "bigram 3.575" in md and "slow: a note" in md
 
 
+def test_a_shorter_backprop_budget_shows_no_values_past_it():
+    """--bp_seconds: backprop's cells after its own budget are "-", not its last value repeated."""
+    r = fake_report()
+    bp = r["runs"][2]
+    bp["budget_s"] = 100.0
+    bp["curve"] = [p for p in bp["curve"] if p["time_s"] <= 100]
+    lines = {line.split(" | ")[0].strip("| "): line for line in learning.table(r).splitlines()
+             if line.startswith("| ")}
+    assert "| 2.500 | - | - | 9000 |" in lines["backprop"]                  # 1 min, then past 100 s
+    assert "| 590 | 59.0 | not in 600 | > 30.0 |" in lines["sign"]           # ratios use its own run
+    assert "backprop ran for 1.7 min" in learning.table(r)
+    del bp["budget_s"]
+    bp["settings"] = {"seconds": 100.0}                                     # reports written before the key
+    assert "| 2.500 | - | - | 9000 |" in learning.table(r)
+
+
 def test_replot_rewrites_table_and_json(tmp_path):
     (tmp_path / learning.JSON_NAME).write_text(json.dumps(fake_report()))
     assert learning.main(["--replot", str(tmp_path), "--reach", "3.0"]) == 0
