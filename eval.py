@@ -58,17 +58,17 @@ def main(argv=None):
         progress = not args.no_progress and sys.stderr.isatty()
         if args.generate is not None:
             return run_generate(args, loaded, data_cfg)
-        from int_lm import evaluate as EV
+        from int_lm import evaluate
 
         log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-        report = EV.evaluate(loaded, data_cfg, split=args.split, max_bytes=args.max_bytes, rows=args.rows,
+        report = evaluate.evaluate(loaded, data_cfg, split=args.split, max_bytes=args.max_bytes, rows=args.rows,
                              length=args.block, progress=progress, log=log)
         report["checkpoint"] = str(getattr(loaded, "source", args.path))
         if not args.no_tb and getattr(loaded, "kind", "checkpoint") == "checkpoint":
             from pathlib import Path
             tb_dir = Path(report["checkpoint"]) / "tb"
             try:
-                prefix = EV.write_tensorboard(tb_dir, report)
+                prefix = evaluate.write_tensorboard(tb_dir, report)
                 report["tensorboard"] = f"{tb_dir} ({prefix}/* at step {report['step']})"
             except OSError as err:
                 print(f"warning: could not write TensorBoard scalars to {tb_dir} ({err.strerror})",
@@ -76,7 +76,7 @@ def main(argv=None):
         if args.json:
             print(json.dumps(report))
         else:
-            print(EV.format_report(report))
+            print(evaluate.format_report(report))
 
     return run_main(parser, body, argv, warn_when_output_lost=False,   # `eval.py ... | head` ends quietly
                     sections=("data",), help_defaults=False,
@@ -87,35 +87,35 @@ def main(argv=None):
 def run_generate(args, loaded, data_cfg):
     import time
 
-    from int_lm import data as D
-    from int_lm import evaluate as EV
-    from int_lm import generate as G
-    from int_lm import model as M
+    from int_lm import data
+    from int_lm import evaluate
+    from int_lm import generate
+    from int_lm import model
 
-    shape = M.ModelShape.from_config(loaded.config.model)
-    tok = D.make_tokenizer(data_cfg)
-    EV.check_tokenizer((loaded.metadata or {}).get("tokenizer"), tok, shape)
+    shape = model.ModelShape.from_config(loaded.config.model)
+    tok = data.make_tokenizer(data_cfg)
+    evaluate.check_tokenizer((loaded.metadata or {}).get("tokenizer"), tok, shape)
     prompt_ids = tok.encode(args.generate)
     t0 = time.perf_counter()
-    out = G.generate(loaded.params, shape, prompt_ids, max_new_tokens=args.max_new_tokens,
+    out = generate.generate(loaded.params, shape, prompt_ids, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, greedy=args.greedy,
                      num_samples=args.num_samples)
     dt = time.perf_counter() - t0
     samples = []
     for row in out:
-        ids, ended = (row, False) if args.no_stop else G.cut_at_boundary(row, shape.boundary_token)
+        ids, ended = (row, False) if args.no_stop else generate.cut_at_boundary(row, shape.boundary_token)
         samples.append({"ids": [int(i) for i in ids], "ended": ended,
-                        "text": G.safe_text(tok.decode_bytes(ids))})
+                        "text": generate.safe_text(tok.decode_bytes(ids))})
     if args.json:
-        print(json.dumps({"prompt": args.generate, "step": loaded.step, "mode": G.describe(args),
+        print(json.dumps({"prompt": args.generate, "step": loaded.step, "mode": generate.describe(args),
                           "samples": samples, "wall_s": round(dt, 3)}))
         return
-    print(f"int_lm generate: step {loaded.step}, {G.describe(args)}, {args.max_new_tokens} new tokens "
+    print(f"int_lm generate: step {loaded.step}, {generate.describe(args)}, {args.max_new_tokens} new tokens "
           f"({out.size / dt:,.0f} tokens/s incl. compile)", file=sys.stderr)
     for i, s in enumerate(samples):
         if len(samples) > 1:
             print(f"--- sample {i}")
-        print(G.safe_text(args.generate.encode("utf-8")) + s["text"] + ("\n[end of document]" if s["ended"] else ""))
+        print(generate.safe_text(args.generate.encode("utf-8")) + s["text"] + ("\n[end of document]" if s["ended"] else ""))
 
 
 if __name__ == "__main__":

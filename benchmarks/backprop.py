@@ -88,9 +88,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from int_lm import config as C  # noqa: E402
+from int_lm import config  # noqa: E402
 from int_lm import data  # noqa: E402
-from int_lm import model as M  # noqa: E402
+from int_lm import model  # noqa: E402
 
 SCALE = 16.0           # an int8 value a stands for a / 16
 SAT = 127.0 / SCALE    # sat8's bound in real units
@@ -113,9 +113,9 @@ def to_int(params):
         lambda p: jnp.clip(jnp.rint(jnp.asarray(p) * SCALE), -127, 127).astype(jnp.int8), params)
 
 
-def init_params(shape: M.ModelShape, seed: int):
+def init_params(shape: model.ModelShape, seed: int):
     """The spec's initialisation, literally the integer model's divided by 16."""
-    return from_int(M.init_params(shape, seed))
+    return from_int(model.init_params(shape, seed))
 
 
 def sat(x):
@@ -199,7 +199,7 @@ def gru_scan(x, s0, reset, lp, layer, r=Real):
     return hs, last
 
 
-def zero_state(shape: M.ModelShape, batch: int):
+def zero_state(shape: model.ModelShape, batch: int):
     return jnp.zeros((shape.layers, batch, shape.width), jnp.float32)
 
 
@@ -250,7 +250,7 @@ def val_slice_shape(cfg, val_split) -> tuple[int, int]:
     return val_rows, val_len
 
 
-def make_validator(shape: M.ModelShape, block: np.ndarray, num_bytes: int):
+def make_validator(shape: model.ModelShape, block: np.ndarray, num_bytes: int):
     """Bits per byte on the fixed block (state carried along each row from zero), like the trainer's."""
     inputs, targets = jnp.asarray(block[:, :-1]), jnp.asarray(block[:, 1:])
     state0 = zero_state(shape, block.shape[0])
@@ -282,7 +282,7 @@ class RandomBatches:
         return np.asarray(self.tokens[starts[:, None] + self.idx]).astype(np.int32)
 
 
-def make_train_step(shape: M.ModelShape, opt, batch: int):
+def make_train_step(shape: model.ModelShape, opt, batch: int):
     state0 = zero_state(shape, batch)
 
     def loss_fn(params, tokens):
@@ -309,14 +309,14 @@ def load(cfg):
     """(cfg with the tokenizer's vocabulary, shape, corpus, validation baselines) as the trainer sets them up."""
     import dataclasses
     tok = data.make_tokenizer(cfg.data)
-    cfg = C.validate(dataclasses.replace(cfg, model=dataclasses.replace(
+    cfg = config.validate(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, vocab_size=tok.vocab_size, boundary_token=tok.boundary_token)))
     corpus = data.load_corpus(cfg.data, tok, progress=False)
     ref = data.baselines(corpus, tok)
     val_ref = {"unigram": ref["unigram"]["validation"], "bigram": ref["bigram"]["validation"]}
     if ref.get("compress", {}).get("validation"):
         val_ref["compressor"] = ref["compress"]["validation"]["best"]
-    return cfg, M.ModelShape.from_config(cfg.model), corpus, val_ref
+    return cfg, model.ModelShape.from_config(cfg.model), corpus, val_ref
 
 
 def train(cfg, *, seconds: float, batch: int = 64, seq_len: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
@@ -397,9 +397,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_every_s", "--eval-every-s", type=float, default=5.0,
                         help="seconds of training between validations")
     parser.add_argument("--json", default="", help="write the result (curve, settings) to this file")
-    values, rest = C.parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    values, rest = config.parse_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
-    cfg = C.validate(C.apply_values(C.load_file(args.config), values, "the command line"))
+    cfg = config.validate(config.apply_values(config.load_file(args.config), values, "the command line"))
     try:
         import optax  # noqa: F401
     except ImportError:

@@ -36,19 +36,19 @@ def worker(cfg, repeats: int) -> dict:
     import jax
     import numpy as np
 
-    from int_lm import distributed as DIST
-    from int_lm import model as M
+    from int_lm import distributed
+    from int_lm import model
     from int_lm import optim
 
     spec = common.make_spec(cfg)
     shape = spec.shape
-    layout = DIST.Layout.create(spec)
+    layout = distributed.Layout.create(spec)
     rows = spec.population // spec.group_size
     rng = np.random.default_rng(0)
     batches = [common.random_tokens(rng, shape.vocab_size, rows, cfg.es.tokens_per_update + 1, low=0,
                                     dtype=np.int32) for _ in range(repeats + 1)]
-    params = layout.put_params(M.init_params(shape, 0))
-    states = layout.put_states(M.init_state(shape, spec.population))
+    params = layout.put_params(model.init_params(shape, 0))
+    states = layout.put_states(model.init_state(shape, spec.population))
     votes_fn = layout.votes_fn()
     rule = optim.make(dataclasses.replace(cfg.es, alpha=0.5))
     update_fn = jax.jit(rule.update, donate_argnums=(0, 1))

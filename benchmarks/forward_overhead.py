@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from int_lm import backend
-from int_lm import eggroll as E
-from int_lm import model as M
+from int_lm import eggroll
+from int_lm import model
 
 
 def main(argv=None) -> dict:
@@ -32,18 +32,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    shape = M.ModelShape(256, args.width, args.layers)
+    shape = model.ModelShape(256, args.width, args.layers)
     b, t = args.members, args.tokens
-    spec = E.EggrollSpec(shape, b, chunk_size=b)
-    params = M.init_params(shape, 0)
+    spec = eggroll.EggrollSpec(shape, b, chunk_size=b)
+    params = model.init_params(shape, 0)
     tokens = jnp.asarray(common.random_tokens(np.random.default_rng(0), 256, b, t + 1))
-    states = M.init_state(shape, b)
-    noise = E.make_noise(spec, 0, 0, jnp.arange(b // 2, dtype=jnp.int32))
-    member_params, factors = E.member_model_inputs(spec, params, noise)
+    states = model.init_state(shape, b)
+    noise = eggroll.make_noise(spec, 0, 0, jnp.arange(b // 2, dtype=jnp.int32))
+    member_params, factors = eggroll.member_model_inputs(spec, params, noise)
     shift = spec.matrix_shift
 
     def fwd(p, f, s, x):
-        return M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)[0]
+        return model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)[0]
 
     cases = {
         "inference": (params, None),

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from int_lm import backend
-from int_lm import eggroll as E
-from int_lm import model as M
+from int_lm import eggroll
+from int_lm import model
 
 DEFAULTS = {"model": {"layers": 6, "width": 256}, "es": {"population": 1024, "tokens_per_update": 20,
                                                           "chunk_size": 0}}
@@ -77,9 +77,9 @@ def main(argv=None) -> dict:
     shape, n, t = spec.shape, spec.population, cfg.es.tokens_per_update
     tokens = common.random_tokens(np.random.default_rng(0), shape.vocab_size, n // spec.group_size, t + 1)
     member_tokens = np.repeat(tokens, spec.group_size, axis=0)
-    params, states = M.init_params(shape, 0), M.init_state(shape, n)
-    infer = jax.jit(lambda p, s, x: M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token)[0])
-    votes = jax.jit(lambda p, s, x, seed, epoch: E.population_votes(spec, p, s, x, seed, epoch)[0])
+    params, states = model.init_params(shape, 0), model.init_state(shape, n)
+    infer = jax.jit(lambda p, s, x: model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token)[0])
+    votes = jax.jit(lambda p, s, x, seed, epoch: eggroll.population_votes(spec, p, s, x, seed, epoch)[0])
     votes_args = (params, states, tokens, np.uint32(0), np.uint32(0))  # seed, epoch: runtime values
 
     root = Path(args.trace_dir or tempfile.mkdtemp(prefix="int_lm_profile_"))

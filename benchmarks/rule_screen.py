@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from int_lm import model as M  # noqa: E402
+from int_lm import model  # noqa: E402
 from int_lm import optim  # noqa: E402
 from int_lm.errors import UserError  # noqa: E402
 from int_lm.optim import base, momentum  # noqa: E402
@@ -107,23 +107,23 @@ def make_screen_rule(rule: dict):
             new_state = {name: {"layers": {}} for name in state}
             steps = {}
             for path, z in base.vote_values(votes).items():
-                kind = "matrix" if M.is_matrix(path) else "vector"
+                kind = "matrix" if model.is_matrix(path) else "vector"
                 m = jnp.clip(base.round_shift(z, shifts[kind]), -ZMAX, ZMAX)
                 if beta:
-                    old = M.get_leaf(state["momentum"], path)
+                    old = model.get_leaf(state["momentum"], path)
                     m = old - base.round_shift(old, beta) + m
                 if mode == "threshold":
                     move = jnp.where(jnp.abs(m) >= hyper[f"threshold_{kind}"], jnp.sign(m), 0)
                     m = m - move * hyper[f"feedback_{kind}"]
                 else:
                     move = base.round_shift(jnp.clip(m, -MMAX, MMAX) * hyper[f"eta_{kind}"], 10)
-                w8 = M.get_leaf(params, path).astype(jnp.int32)
+                w8 = model.get_leaf(params, path).astype(jnp.int32)
                 if fine:
-                    master = jnp.clip(M.get_leaf(state["master"], path) + move, w_lo, w_hi)
-                    M.set_leaf(new_state["master"], path, master)
+                    master = jnp.clip(model.get_leaf(state["master"], path) + move, w_lo, w_hi)
+                    model.set_leaf(new_state["master"], path, master)
                     move = jnp.clip((master + (1 << (fine - 1))) >> fine, -127, 127) - w8
                 if beta:
-                    M.set_leaf(new_state["momentum"], path, m)
+                    model.set_leaf(new_state["momentum"], path, m)
                 steps[path] = move
             params, stats = base.move(params, steps)
             return params, new_state, stats

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from int_lm import checkpoint as CK  # noqa: E402
+from int_lm import checkpoint  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -60,7 +60,7 @@ def progress_step(log: Path) -> int:
 
 
 def saving(run_dir: Path) -> bool:
-    root = CK.checkpoint_dir(run_dir)
+    root = checkpoint.checkpoint_dir(run_dir)
     return root.is_dir() and any("tmp" in p.name for p in root.iterdir())
 
 
@@ -70,8 +70,8 @@ def kill(proc: subprocess.Popen) -> None:
 
 
 def state_of(run_dir: Path, step: int) -> dict:
-    r = CK.restore(run_dir, step)
-    flat = CK._flat({"params": r.params})
+    r = checkpoint.restore(run_dir, step)
+    flat = checkpoint._flat({"params": r.params})
     flat["states"] = r.states
     return {"cursor": r.cursor, "seed": r.seed, "arrays": flat}
 
@@ -119,10 +119,10 @@ def main() -> int:
         time.sleep(1)
     step_now = progress_step(out / "A.log")
     kill(a)
-    last = CK.list_steps(a_dir)[-1]
+    last = checkpoint.list_steps(a_dir)[-1]
     summary["kills"].append({"when": "random", "at_s": round(time.monotonic() - t0), "steps_done": step_now,
                              "last_checkpoint": last, "steps_lost": step_now - last,
-                             "tmp_dirs_left": [p.name for p in CK.checkpoint_dir(a_dir).iterdir()
+                             "tmp_dirs_left": [p.name for p in checkpoint.checkpoint_dir(a_dir).iterdir()
                                                if "tmp" in p.name]})
     say(f"kill 1: {summary['kills'][-1]}")
     a = start(a_dir, out / "A.log", *common, *far)
@@ -133,19 +133,19 @@ def main() -> int:
     while time.monotonic() - t0 < t_kill:
         assert a.poll() is None, f"A exited early ({a.returncode})"
         time.sleep(1)
-    before = CK.list_steps(a_dir)
+    before = checkpoint.list_steps(a_dir)
     while not saving(a_dir):
         assert a.poll() is None, f"A exited early ({a.returncode})"
         time.sleep(0.002)
     kill(a)
-    tmp = [p.name for p in CK.checkpoint_dir(a_dir).iterdir() if "tmp" in p.name]
+    tmp = [p.name for p in checkpoint.checkpoint_dir(a_dir).iterdir() if "tmp" in p.name]
     # the bar is updated after the save starts: the step being saved is done
     step_now = max([progress_step(out / "A.log")] + [int(n.split(".")[0]) for n in tmp])
-    last = CK.list_steps(a_dir)[-1]
+    last = checkpoint.list_steps(a_dir)[-1]
     summary["kills"].append({"when": "during a save", "at_s": round(time.monotonic() - t0),
                              "steps_done": step_now, "last_checkpoint": last,
                              "steps_lost": step_now - last, "tmp_dirs_left": tmp,
-                             "checkpoints_before_save": before[-3:], "checkpoints_after_kill": CK.list_steps(a_dir)[-3:]})
+                             "checkpoints_before_save": before[-3:], "checkpoints_after_kill": checkpoint.list_steps(a_dir)[-3:]})
     say(f"kill 2: {summary['kills'][-1]}")
 
     # Rate over the second phase -> the final step so that A runs >= total_s in all.
@@ -160,7 +160,7 @@ def main() -> int:
     summary["a_exit"] = rc
     say(f"A done (exit {rc}) after {summary['a_wall_s']} s")
 
-    while final not in CK.list_steps(b_dir):
+    while final not in checkpoint.list_steps(b_dir):
         assert b.poll() is None, f"B exited early ({b.returncode})"
         time.sleep(1)
     b.send_signal(signal.SIGINT)
@@ -169,7 +169,7 @@ def main() -> int:
     say("B reached the final step; stopped")
 
     # Compare every common checkpoint, the exports, the history.
-    common_steps = sorted(set(CK.list_steps(a_dir)) & set(CK.list_steps(b_dir)))
+    common_steps = sorted(set(checkpoint.list_steps(a_dir)) & set(checkpoint.list_steps(b_dir)))
     common_steps = [s for s in common_steps if s <= final]
     mismatched = [s for s in common_steps if not same(state_of(a_dir, s), state_of(b_dir, s))]
     summary["checkpoints_compared"] = len(common_steps)
@@ -177,8 +177,8 @@ def main() -> int:
     from safetensors.numpy import load_file
     import numpy as np
     ea, eb = out / "A.safetensors", out / "B.safetensors"
-    CK.export_model(a_dir, ea, final)
-    CK.export_model(b_dir, eb, final)
+    checkpoint.export_model(a_dir, ea, final)
+    checkpoint.export_model(b_dir, eb, final)
     xa, xb = load_file(str(ea)), load_file(str(eb))
     summary["final_exports_identical"] = set(xa) == set(xb) and all(np.array_equal(xa[k], xb[k]) for k in xa)
     ha, hb = logged(a_dir), logged(b_dir)

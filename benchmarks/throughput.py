@@ -34,26 +34,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from int_lm import backend
-from int_lm import eggroll as E
-from int_lm import intmath as im
-from int_lm import model as M
+from int_lm import eggroll
+from int_lm import intmath
+from int_lm import model
 from int_lm import optim
 
 DEFAULTS = {"model": {"layers": 6, "width": 256}, "es": {"population": 1024, "tokens_per_update": 100,
                                                           "chunk_size": 0}}
 
 
-def naive_es_step(spec: E.EggrollSpec, shift: int):
+def naive_es_step(spec: eggroll.EggrollSpec, shift: int):
     """Naive ES: each member's weights formed explicitly from full-rank int8 noise."""
-    from int_lm import noise as nz
+    from int_lm.noise import pair_noise
 
     def step(params, states, tokens, seed, epoch, thr):
         pairs = jnp.arange(spec.population // 2, dtype=jnp.int32)
-        leaves = M.param_leaves(spec.shape)
+        leaves = model.param_leaves(spec.shape)
         dense = {}
         for pid, (path, shape, matrix) in enumerate(leaves):
             if matrix:
-                dense[path] = nz.pair_noise(seed, epoch, pairs, pid, shape)  # (P, [L,] out, n)
+                dense[path] = pair_noise(seed, epoch, pairs, pid, shape)  # (P, [L,] out, n)
         members = spec.population
 
         def member_forward(m, noise_m):
@@ -61,30 +61,30 @@ def naive_es_step(spec: E.EggrollSpec, shift: int):
             p = {"layers": dict(params["layers"]), "embed": params["embed"], "head": params["head"],
                  "ln_out": params["ln_out"]}
             for path, e in noise_m.items():
-                w = M.get_leaf(params, path)
-                pert = im.sat8(w.astype(jnp.int32) + ((sign * e.astype(jnp.int32)) >> shift))
-                M.set_leaf(p, path, pert)
+                w = model.get_leaf(params, path)
+                pert = intmath.sat8(w.astype(jnp.int32) + ((sign * e.astype(jnp.int32)) >> shift))
+                model.set_leaf(p, path, pert)
             st = jax.lax.dynamic_slice_in_dim(states, m, 1, axis=1)
             toks = tokens[m // spec.group_size][None]
-            ll, st = M.forward(p, st, toks[:, :-1], toks[:, 1:], spec.shape.boundary_token)
+            ll, st = model.forward(p, st, toks[:, :-1], toks[:, 1:], spec.shape.boundary_token)
             return jnp.sum(ll), st[:, 0]
 
         noise_members = jax.tree_util.tree_map(lambda x: jnp.repeat(x, 2, axis=0), dense)
         scores, new_states = jax.lax.map(lambda a: member_forward(a[0], a[1]),
                                          (jnp.arange(members), noise_members))
-        fitness = E.shape_fitness(scores)
+        fitness = eggroll.shape_fitness(scores)
         new = {"layers": dict(params["layers"]), "embed": params["embed"], "head": params["head"],
                "ln_out": params["ln_out"]}
         for path, e in dense.items():
             z = jnp.einsum("p,p...->...", fitness, e.astype(jnp.int32))
-            w = M.get_leaf(params, path)
-            M.set_leaf(new, path, im.sat8(w.astype(jnp.int32) + jnp.where(jnp.abs(z) >= thr, jnp.sign(z), 0)))
+            w = model.get_leaf(params, path)
+            model.set_leaf(new, path, intmath.sat8(w.astype(jnp.int32) + jnp.where(jnp.abs(z) >= thr, jnp.sign(z), 0)))
         return new, jnp.moveaxis(new_states, 0, 1), scores
 
     return jax.jit(step)
 
 
-def breakdown(spec: E.EggrollSpec, params, member_tokens, update_call: tuple, repeats: int) -> dict:
+def breakdown(spec: eggroll.EggrollSpec, params, member_tokens, update_call: tuple, repeats: int) -> dict:
     """Seconds per step of each part of a training step, each jitted alone, next to inference:
     {part: (best wall s, best CPU s of this process)}.
 
@@ -97,15 +97,15 @@ def breakdown(spec: E.EggrollSpec, params, member_tokens, update_call: tuple, re
     shape, n, chunk = spec.shape, spec.population, spec.chunk
     scale = n // chunk
     pairs = jnp.arange(chunk // 2, dtype=jnp.int32)
-    states = M.init_state(shape, chunk)
+    states = model.init_state(shape, chunk)
     toks = member_tokens[:chunk]
-    noise_fn = jax.jit(lambda p: E.make_noise(spec, 0, 0, p))
+    noise_fn = jax.jit(lambda p: eggroll.make_noise(spec, 0, 0, p))
     noise = noise_fn(pairs)
-    inputs_fn = jax.jit(lambda p, z: E.member_model_inputs(spec, p, z))
+    inputs_fn = jax.jit(lambda p, z: eggroll.member_model_inputs(spec, p, z))
     member_params, factors = inputs_fn(params, noise)
 
     def fwd(p, f, s, x):
-        return M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, spec.matrix_shift)[0]
+        return model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, spec.matrix_shift)[0]
 
     scores = jnp.asarray(np.random.default_rng(1).integers(-2**20, 2**20, chunk).astype(np.int32))
     calls = {
@@ -116,7 +116,7 @@ def breakdown(spec: E.EggrollSpec, params, member_tokens, update_call: tuple, re
                                                (member_params, states, toks)),
         "forward, low-rank factors only": (jax.jit(fwd), (params, factors, states, toks)),
         "perturbed forward (both)": (jax.jit(fwd), (member_params, factors, states, toks)),
-        "fitness + vote": (jax.jit(lambda sc, z: E.vote(z, E.shape_fitness(sc))), (scores, noise)),
+        "fitness + vote": (jax.jit(lambda sc, z: eggroll.vote(z, eggroll.shape_fitness(sc))), (scores, noise)),
         "update": update_call,
     }
     for fn, fn_args in calls.values():  # compile outside the timed rounds
@@ -127,7 +127,7 @@ def breakdown(spec: E.EggrollSpec, params, member_tokens, update_call: tuple, re
             for name in calls}
 
 
-def roofline(spec: E.EggrollSpec, infer_tps: float, train_tps: float, repeats: int) -> dict:
+def roofline(spec: eggroll.EggrollSpec, infer_tps: float, train_tps: float, repeats: int) -> dict:
     """XLA's int8 and float32 GEMM rates at the model's shapes (chunk rows) and the model's
     inference and training rates as fractions of them (dense weight-matmul ops, 2 per multiply-add)."""
     ops = common.ops_per_token(spec.shape, spec.rank)
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     rows = n // spec.group_size
     tokens = jnp.asarray(common.random_tokens(np.random.default_rng(0), shape.vocab_size, rows, t + 1))
     member_tokens = jnp.repeat(tokens, spec.group_size, axis=0)
-    params = M.init_params(shape, 0)
+    params = model.init_params(shape, 0)
     pop_tokens = n * t
 
     # (a) pure batched inference, in the same member chunks as training (the same work
@@ -169,32 +169,32 @@ def main(argv=None) -> dict:
 
     def infer_chunked(p, s, x):
         if chunk == n:  # one batch, exactly as training runs a single chunk (no loop)
-            return M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token)[0]
+            return model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token)[0]
 
         def one(c):
             st = jax.lax.dynamic_slice_in_dim(s, c * chunk, chunk, axis=1)
             xc = jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=0)
-            return M.forward(p, st, xc[:, :-1], xc[:, 1:], shape.boundary_token)[0]
+            return model.forward(p, st, xc[:, :-1], xc[:, 1:], shape.boundary_token)[0]
         return jax.lax.map(one, jnp.arange(n // chunk))
 
     infer = jax.jit(infer_chunked)
-    whole = jax.jit(lambda p, s, x: M.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token))
+    whole = jax.jit(lambda p, s, x: model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token))
 
     # (b) EGGROLL: votes (noise + perturbed forward + fitness + vote) then the update
-    votes_fn = jax.jit(lambda p, s, x, seed, epoch: E.population_votes(spec, p, s, x, seed, epoch))
+    votes_fn = jax.jit(lambda p, s, x, seed, epoch: eggroll.population_votes(spec, p, s, x, seed, epoch))
     rule = optim.make(dataclasses.replace(cfg.es, alpha=0.1))
     update_fn = jax.jit(rule.update)
     hyper = {k: np.int32(v) for k, v in rule.schedule(0)[0].items()}
     thr_m = optim.thresholds(0.1, n, spec.rank)[0]   # the naive-ES comparison uses the sign rule
-    states = M.init_state(shape, n)
+    states = model.init_state(shape, n)
     # Inference and training alternate, round by round, so that a slow spell of the
     # machine hits both; each reports its best round.
     calls = {
-        "infer": (infer, (params, M.init_state(shape, n), member_tokens)),
+        "infer": (infer, (params, model.init_state(shape, n), member_tokens)),
         "votes": (votes_fn, (params, states, tokens, np.uint32(0), np.uint32(0))),
     }
     if chunk < n:  # otherwise "infer" is this very batch already
-        calls["whole"] = (whole, (params, M.init_state(shape, n), member_tokens))
+        calls["whole"] = (whole, (params, model.init_state(shape, n), member_tokens))
     first, best, out, best_cpu = {}, {}, {}, {}
     for name, (fn, fn_args) in calls.items():
         first[name], best[name], out[name] = common.timed(fn, *fn_args, repeats=0)
@@ -207,15 +207,15 @@ def main(argv=None) -> dict:
     update_first, update_s = first["update"], best["update"]
     # The parts of a step, each jitted alone: noise for the whole population and the vote GEMMs.
     pairs = jnp.arange(n // 2, dtype=jnp.int32)
-    noise_fn = jax.jit(lambda p: E.make_noise(spec, 0, 0, p))
+    noise_fn = jax.jit(lambda p: eggroll.make_noise(spec, 0, 0, p))
     _, noise_s, noise = common.timed(noise_fn, pairs, repeats=args.repeats)
-    vote_fn = jax.jit(lambda z, f: E.vote(z, f, spec.fitness_levels))
+    vote_fn = jax.jit(lambda z, f: eggroll.vote(z, f, spec.fitness_levels))
     _, vote_s, _ = common.timed(vote_fn, noise, jnp.ones((n // 2,), jnp.int32), repeats=args.repeats)
     del noise
     train_s = votes_s + update_s
     result = {
         "model": {"layers": shape.layers, "width": shape.width, "vocab": shape.vocab_size,
-                  "params": M.param_count(shape)},
+                  "params": model.param_count(shape)},
         "population": n, "tokens_per_update": t, "rank": spec.rank, "chunk_size": spec.chunk,
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
         "cpu": backend.cpu_flags(),
@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
                                       args.repeats)
     if args.naive:
         naive = naive_es_step(spec, spec.matrix_shift)
-        naive_first, naive_s, _ = common.timed(naive, params, M.init_state(shape, n), tokens, np.uint32(0),
+        naive_first, naive_s, _ = common.timed(naive, params, model.init_state(shape, n), tokens, np.uint32(0),
                                                np.uint32(0), thr_m, repeats=args.repeats)
         result["naive_tokens_per_s"] = pop_tokens / naive_s
         result["eggroll_over_naive"] = naive_s / train_s
@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def print_text(result: dict, spec: E.EggrollSpec, n: int, t: int, args) -> None:
+def print_text(result: dict, spec: eggroll.EggrollSpec, n: int, t: int, args) -> None:
     shape, chunk, train_s = spec.shape, spec.chunk, result["step_s"]
     print(f"model {shape.layers} x {shape.width}, V={shape.vocab_size}, population {n}, T={t}, "
           f"rank {spec.rank}, chunk {spec.chunk} on {result['backend']} ({result['device']})")
