@@ -68,19 +68,11 @@ def parse_rule(text: str) -> dict:
     return rule
 
 
-def null_std(sigma_zhat: float, beta: int, step: int) -> float:
-    """Exact null std of m after step + 1 updates (the geometric sum of rho^2i, rho = 1 - 2^-beta)."""
-    if not beta:
-        return sigma_zhat
-    rho2 = (1.0 - 2.0 ** -beta) ** 2
-    return sigma_zhat * math.sqrt((1.0 - rho2 ** (step + 1)) / (1.0 - rho2))
-
-
 def make_screen_rule(rule: dict):
     def make(es) -> base.UpdateRule:
         beta, fine, mode = rule["beta"], rule["fine"], rule["mode"]
         sigmas = dict(zip(("matrix", "vector"), base.vote_sigmas(es.population, es.rank, es.fitness_levels)))
-        shifts = {k: max(0, int(math.floor(math.log2(s))) - 7) for k, s in sigmas.items()}
+        shifts = {kind: momentum.vote_shift(sigma) for kind, sigma in sigmas.items()}
         w_lo, w_hi = -(127 << fine), (127 << fine) + (1 << fine) - 1
 
         def init(params):
@@ -94,13 +86,14 @@ def make_screen_rule(rule: dict):
         def schedule(step):
             alpha = base.alpha_at(step, es.alpha, es.alpha_horizon)
             z = base.z_value(alpha * rule["ascale"])
+            lr = rule["lr"] * alpha ** rule["lr_power"]
             hyper = {}
             for kind in ("matrix", "vector"):
-                sd = null_std(sigmas[kind] / 2 ** shifts[kind], beta, step)
+                sd = momentum.momentum_sigma(sigmas[kind] / 2 ** shifts[kind], beta, step)
                 hyper[f"threshold_{kind}"] = int(math.ceil(z * sd))
                 hyper[f"feedback_{kind}"] = int(round(rule["fb"] * sd))
-                lr = rule["lr"] * alpha ** rule["lr_power"]
-                hyper[f"eta_{kind}"] = min(momentum.ETA_MAX, int(round(lr * 2 ** fine * 2 ** 10 / sd)))
+                eta = int(round(lr * 2 ** fine * 2 ** momentum.ETA_BITS / sd))
+                hyper[f"eta_{kind}"] = min(momentum.ETA_MAX, eta)
             return hyper, {"alpha": alpha, **hyper}
 
         def update(state, params, votes, hyper):
@@ -116,7 +109,7 @@ def make_screen_rule(rule: dict):
                     move = jnp.where(jnp.abs(m) >= hyper[f"threshold_{kind}"], jnp.sign(m), 0)
                     m = m - move * hyper[f"feedback_{kind}"]
                 else:
-                    move = base.round_shift(jnp.clip(m, -MMAX, MMAX) * hyper[f"eta_{kind}"], 10)
+                    move = base.round_shift(jnp.clip(m, -MMAX, MMAX) * hyper[f"eta_{kind}"], momentum.ETA_BITS)
                 w8 = model.get_leaf(params, path).astype(jnp.int32)
                 if fine:
                     master = jnp.clip(model.get_leaf(state["master"], path) + move, w_lo, w_hi)
