@@ -283,10 +283,11 @@ def table(report: dict) -> str:
     head = ["run", "method"] + [f"{fmt_time(m)}" for m in marks] + ["steps", "tokens/s"]
     for thr in reach:
         head += [f"s to <= {thr:g}"] + ([f"ES / backprop ({thr:g})"] if bp else [])
+    own_budget = {r["name"]: run_budget(report, r) for r in runs}
     rows = []
     for r in runs:
         cells = [r["name"], "backprop (Adam, float32)" if r["kind"] == "backprop" else "EGGROLL (int8)"]
-        own = run_budget(report, r)
+        own = own_budget[r["name"]]
         for m in marks:
             p = value_at(r["curve"], m) if m <= own else None     # no value past a run's own budget
             cells.append("-" if p is None else f"{p['val_bits_per_byte']:.3f}")
@@ -295,7 +296,7 @@ def table(report: dict) -> str:
             t = time_to_reach(r["curve"], thr, own)
             cells.append(f"{t:.0f}" if t is not None else f"not in {own:g}")
             if bp:
-                tb = time_to_reach(bp["curve"], thr, run_budget(report, bp))
+                tb = time_to_reach(bp["curve"], thr, own_budget[bp["name"]])
                 if r is bp:
                     cells.append("1" if tb is not None else "-")
                 elif tb is None:
@@ -326,8 +327,7 @@ def table(report: dict) -> str:
                    f"({' '.join(m.get('cpu_flags', [])) or 'flags unknown'}). Load average (1 min) at each run's "
                    "start/end: " + ", ".join(f"{r['name']} {r.get('load', {}).get('start')}/"
                                              f"{r.get('load', {}).get('end')}" for r in runs) + ".")
-    shorter = [f"{r['name']} ran for {fmt_time(run_budget(report, r))}" for r in runs
-               if run_budget(report, r) < budget]
+    shorter = [f"{name} ran for {fmt_time(own)}" for name, own in own_budget.items() if own < budget]
     if shorter:
         out += ["", "Shorter budgets: " + ", ".join(shorter) + " (cells after it: -); its times to reach a "
                 "threshold and the ratios use its own run."]
