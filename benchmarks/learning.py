@@ -9,7 +9,8 @@
 
 Each ``--run NAME=CONFIG [--section.key value ...]`` is an EGGROLL run: ``python train.py
 --config CONFIG ... --train.run_dir OUT/NAME`` in a subprocess, stopped with SIGINT once
-its training clock has run ``--seconds`` (the trainer finishes the step, saves and writes
+its training clock has run ``--seconds`` (``--run NAME@SECONDS=CONFIG ...``: a budget of
+its own, e.g. a shorter one for a reference run; the trainer finishes the step, saves and writes
 ``history.jsonl``; its clock, ``time_s``, starts just before the first step, after the
 set-up, so the budget is timed from the trainer's start-up banner, which it prints right
 then). ``--train.steps`` is raised to 10^9 so the budget, not the config, ends a run (a
@@ -135,17 +136,26 @@ def bp_result(path: Path, budget: float) -> dict:
 # Running: subprocesses, placement, the budget
 # ---------------------------------------------------------------------------
 
-def parse_run(spec: str) -> tuple[str, str, list[str]]:
-    """``NAME=CONFIG [--section.key value ...]`` -> (name, config, extra args)."""
+def parse_run(spec: str) -> tuple[str, str, list[str], float | None]:
+    """``NAME[@SECONDS]=CONFIG [--section.key value ...]`` -> (name, config, extra args, own budget or None)."""
     parts = shlex.split(spec)
     if not parts:
         raise SystemExit("error: --run needs NAME=CONFIG [overrides]")
     name, eq, config = parts[0].partition("=")
     if not eq:
         name, config = Path(parts[0]).stem, parts[0]
+    name, at, seconds = name.partition("@")
+    budget = None
+    if at:
+        try:
+            budget = float(seconds)
+        except ValueError:
+            budget = -1.0
+        if not budget > 0:
+            raise SystemExit(f"error: run {name!r}: the budget after '@' must be seconds > 0, got {seconds!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in ("logs", "backprop"):
         raise SystemExit(f"error: run name {name!r}: use letters, digits and _ . + - (not 'logs' or 'backprop')")
-    return name, config, parts[1:]
+    return name, config, parts[1:], budget
 
 
 def machine() -> dict:
@@ -451,15 +461,15 @@ def main(argv=None) -> int:
 
     jobs: list[Job] = []
     runs = [parse_run(s) for s in args.run]
-    if len({n for n, _, _ in runs}) != len(runs):
+    if len({n for n, _, _, _ in runs}) != len(runs):
         parser.error("run names must differ")
-    for name, config, extra in runs:
+    for name, config, extra, budget in runs:
         run_dir = out / name
         if run_dir.exists() and any(run_dir.iterdir()):
             parser.error(f"{run_dir} is not empty (the trainer would resume it): choose another --out or remove it")
         cmd = [sys.executable, str(ROOT / "train.py"), "--config", config, "--train.steps=1000000000",
                *overrides, *extra, f"--train.run_dir={run_dir}", "--train.progress=false"]
-        jobs.append(Job(name, "es", cmd, out, run_dir, args.seconds))
+        jobs.append(Job(name, "es", cmd, out, run_dir, budget or args.seconds))
     if args.backprop:
         config, extra = (args.bp_config, []) if args.bp_config or not runs else (runs[0][1], runs[0][2])
         config = config or "configs/default.toml"

@@ -145,6 +145,16 @@ def test_a_shorter_backprop_budget_shows_no_values_past_it():
     assert "| 2.500 | - | - | 9000 |" in learning.table(r)
 
 
+def test_run_specs_with_and_without_their_own_budget():
+    assert learning.parse_run("sign=configs/tiny.toml --es.lr 0.5") == (
+        "sign", "configs/tiny.toml", ["--es.lr", "0.5"], None)
+    assert learning.parse_run("sign@1200=configs/tiny.toml") == ("sign", "configs/tiny.toml", [], 1200.0)
+    assert learning.parse_run("configs/tiny.toml") == ("tiny", "configs/tiny.toml", [], None)
+    for bad in ("sign@=configs/tiny.toml", "sign@ten=configs/tiny.toml", "sign@-5=configs/tiny.toml"):
+        with pytest.raises(SystemExit, match="seconds > 0"):
+            learning.parse_run(bad)
+
+
 def test_replot_rewrites_table_and_json(tmp_path):
     (tmp_path / learning.JSON_NAME).write_text(json.dumps(fake_report()))
     assert learning.main(["--replot", str(tmp_path), "--reach", "3.0"]) == 0
@@ -169,13 +179,14 @@ def test_learning_benchmark_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--corpus", str(corpus),
-         "--data.cache_dir", str(tmp_path / "cache"), "--run", "tiny=configs/tiny.toml --train.eval_every 1",
+         "--data.cache_dir", str(tmp_path / "cache"), "--run", "tiny@5=configs/tiny.toml --train.eval_every 1",
          "--backprop", "--bp-batch", "4", "--bp-seq-len", "16", "--bp-eval-every-s", "1",
          "--seconds", "6", "--jobs", "2", "--reach", "5", "--out", str(out)],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "learning.json").read_text())
     assert [(r["name"], r["kind"]) for r in report["runs"]] == [("tiny", "es"), ("backprop", "backprop")]
+    assert [r["budget_s"] for r in report["runs"]] == [5.0, 6.0]      # tiny@5: its own budget
     for r in report["runs"]:
         assert r["curve"], r
         assert all(0 < p["val_bits_per_byte"] < 16 and p["time_s"] > 0 for p in r["curve"])
