@@ -8,7 +8,7 @@
     python benchmarks/learning.py --replot runs/learning          # table and plot again from learning.json
 
 Each ``--run NAME=CONFIG [--section.key value ...]`` is an EGGROLL run: ``python train.py
---config CONFIG ... --train.run_dir OUT/NAME`` in a subprocess, stopped with SIGINT once
+--config CONFIG ... --train.run_dir OUT/NAME`` in a subprocess, stopped with SIGTERM once
 its training clock has run ``--seconds`` (``--run NAME@SECONDS=CONFIG ...``: a budget of
 its own, e.g. a shorter one for a reference run; the trainer finishes the step, saves and writes
 ``history.jsonl``; its clock, ``time_s``, starts just before the first step, after the
@@ -225,11 +225,14 @@ class Job:
                 while proc.poll() is None and time.time() < self.clock0 + budget:
                     time.sleep(0.1)
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)       # finish the step, save, write history.jsonl
+                    # Finish the step, save, write history.jsonl. SIGTERM, not SIGINT: a runner started
+                    # in the background (``... &``) starts its children with SIGINT ignored, and the
+                    # trainer keeps an ignored signal ignored (int_lm/stopping.py).
+                    proc.send_signal(signal.SIGTERM)
                     try:
                         proc.wait(stop_timeout)
                     except subprocess.TimeoutExpired:
-                        self.notes.append(f"still running {stop_timeout:g} s after SIGINT: killed")
+                        self.notes.append(f"still running {stop_timeout:g} s after SIGTERM: killed")
                 else:
                     self.notes.append("ended before the budget (its train.steps?)")
             try:
@@ -242,7 +245,8 @@ class Job:
             reader.join(5)
         self.ended = time.time()
         self.load["end"] = loadavg()
-        if proc.returncode not in (0, None) and not (self.kind == "es" and proc.returncode == 130):
+        stopped = (128 + signal.SIGTERM, 128 + signal.SIGINT)     # our stop, or Ctrl-C in the terminal
+        if proc.returncode not in (0, None) and not (self.kind == "es" and proc.returncode in stopped):
             self.notes.append(f"exit status {proc.returncode} (see logs/{self.name}.log)")
         say(f"[{self.name}] done after {self.ended - self.started:.0f} s" +
             (f" ({'; '.join(self.notes)})" if self.notes else ""))
@@ -309,10 +313,10 @@ def table(report: dict) -> str:
                 tb = time_to_reach(bp["curve"], thr, own_budget[bp["name"]])
                 if r is bp:
                     cells.append("1" if tb is not None else "-")
-                elif tb is None:
-                    cells.append("-" if t is None else f"< {t / budget:.2g}")
-                else:
-                    cells.append(f"{t / tb:.1f}" if t is not None else f"> {budget / tb:.1f}")
+                elif tb is None:      # backprop never got there: its own budget bounds the ratio
+                    cells.append("-" if t is None else f"< {t / own_budget[bp['name']]:.2g}")
+                else:                 # this run never got there: its own budget bounds the ratio
+                    cells.append(f"{t / tb:.1f}" if t is not None else f"> {own / tb:.1f}")
         rows.append(cells)
     base = shared_baselines(runs)
     out = [f"# Learning at equal wall-clock ({fmt_time(budget)} per run)", ""]
@@ -433,7 +437,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setup_timeout", "--setup-timeout", type=float, default=1800.0,
                         help="seconds a run may take to start training")
     parser.add_argument("--stop_timeout", "--stop-timeout", type=float, default=600.0,
-                        help="seconds a run may take to save and exit after SIGINT")
+                        help="seconds a run may take to save and exit after SIGTERM")
     parser.add_argument("--replot", default="", metavar="DIR", help="rewrite table and plot from DIR/learning.json")
     values, rest = parse_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)

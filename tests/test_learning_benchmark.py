@@ -145,6 +145,20 @@ def test_a_shorter_backprop_budget_shows_no_values_past_it():
     assert "| 2.500 | - | - | 9000 |" in learning.table(r)
 
 
+def test_a_shorter_es_budget_bounds_its_own_ratios():
+    """--run NAME@SECONDS: a threshold the run never reached is bounded by its own budget, not the longest."""
+    r = fake_report(budget=3600.0)
+    r["runs"][0]["budget_s"] = 600.0
+    lines = {line.split(" | ")[0].strip("| "): line for line in learning.table(r).splitlines()
+             if line.startswith("| ")}
+    assert "| 590 | 59.0 | not in 600 | > 30.0 |" in lines["sign"]          # 600 / 20, not 3600 / 20
+    r["runs"][2]["budget_s"] = 8.0                                          # backprop: 3.6 not within 8 s
+    r["runs"][2]["curve"] = r["runs"][2]["curve"][:1]
+    lines = {line.split(" | ")[0].strip("| "): line for line in learning.table(r).splitlines()
+             if line.startswith("| ")}
+    assert "| 590 | < 74 |" in lines["sign"]                                 # 590 / 8, not 590 / 3600
+
+
 def test_run_specs_with_and_without_their_own_budget():
     assert learning.parse_run("sign=configs/tiny.toml --es.lr 0.5") == (
         "sign", "configs/tiny.toml", ["--es.lr", "0.5"], None)
@@ -178,10 +192,12 @@ def test_learning_benchmark_end_to_end(tmp_path):
         (corpus / f"doc{i:03d}.txt").write_text(text)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--corpus", str(corpus),
+        # as `python benchmarks/learning.py ... &` from a script: SIGINT ignored, and so in its runs
+        ["sh", "-c", 'trap "" INT; exec "$0" "$@"',
+         sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--corpus", str(corpus),
          "--data.cache_dir", str(tmp_path / "cache"), "--run", "tiny@5=configs/tiny.toml --train.eval_every 1",
          "--backprop", "--bp-batch", "4", "--bp-seq-len", "16", "--bp-eval-every-s", "1",
-         "--seconds", "6", "--jobs", "2", "--reach", "5", "--out", str(out)],
+         "--seconds", "6", "--jobs", "2", "--reach", "5", "--stop-timeout", "60", "--out", str(out)],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "learning.json").read_text())
@@ -189,6 +205,7 @@ def test_learning_benchmark_end_to_end(tmp_path):
     assert [r["budget_s"] for r in report["runs"]] == [5.0, 6.0]      # tiny@5: its own budget
     for r in report["runs"]:
         assert r["curve"], r
+        assert r["notes"] == [], r["notes"]            # stopped at its budget, not killed after the timeout
         assert all(0 < p["val_bits_per_byte"] < 16 and p["time_s"] > 0 for p in r["curve"])
         assert set(r["baselines"]) >= {"unigram", "bigram"}
     assert report["runs"][0]["baselines"] == report["runs"][1]["baselines"]   # same corpus, split, rule
