@@ -53,6 +53,15 @@ def args(env, run_dir, steps=1000, *extra) -> list[str]:
             *map(str, extra)]
 
 
+# Start a child with the stop signals at their default disposition and exec it: a run started
+# under ``nohup`` (SIGHUP ignored) or as ``... &`` from a script (SIGINT ignored) keeps those
+# ignored on purpose (int_lm/stopping.py), so a test suite launched that way would see them ignored.
+DEFAULT_SIGNALS = [sys.executable, "-c", "import os, signal, sys\n"
+                   "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):\n"
+                   "    signal.signal(s, signal.SIG_DFL)\n"
+                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
+
+
 def cli_config(env, run_dir, steps) -> C.Config:
     """The config ``args`` gives train.py, for ``trainer.train`` in this process."""
     values, _ = C.parse_overrides(args(env, run_dir, steps)[2:])
@@ -250,8 +259,8 @@ def test_sigterm_sighup_sigusr1_then_sigkill_lose_nothing(env, straight, tmp_pat
     then SIGKILL: history.jsonl holds every completed step; resumed to STEPS: identical."""
     run_dir, stopped = tmp_path / "run", 0
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        proc = subprocess.Popen(args(env, run_dir), cwd=ROOT, env=env["env"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(DEFAULT_SIGNALS + args(env, run_dir)[1:], cwd=ROOT, env=env["env"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for_steps(run_dir, stopped + 3, lambda: proc.poll() is None)
             proc.send_signal(sig)
