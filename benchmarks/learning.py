@@ -150,8 +150,8 @@ def parse_run(spec: str) -> tuple[str, str, list[str], float | None]:
         try:
             budget = float(seconds)
         except ValueError:
-            budget = -1.0
-        if not budget > 0:
+            pass
+        if budget is None or not budget > 0:
             raise SystemExit(f"error: run {name!r}: the budget after '@' must be seconds > 0, got {seconds!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in ("logs", "backprop"):
         raise SystemExit(f"error: run name {name!r}: use letters, digits and _ . + - (not 'logs' or 'backprop')")

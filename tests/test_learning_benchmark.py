@@ -108,6 +108,11 @@ def fake_report(budget=600.0):
     }
 
 
+def table_rows(md: str) -> dict[str, str]:
+    """{run name: its table line} of a learning.md table."""
+    return {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+
+
 def test_curve_reading_and_table():
     r = fake_report()
     assert learning.marks_for(600) == [60, 180, 600]
@@ -119,7 +124,7 @@ def test_curve_reading_and_table():
     assert learning.time_to_reach(sign, 3.6, 600) == 590
     assert learning.time_to_reach(sign, 3.4, 600) is None
     md = learning.table(r)
-    lines = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    lines = table_rows(md)
     assert "| run | method | 1 min | 3 min | 10 min | steps | tokens/s | s to <= 3.6 |" in md
     # sign: 3.6 in 590 s vs backprop's 10 s -> 59x; 3.4 not reached: at least 600 / 20 = 30x
     assert "| 590 | 59.0 | not in 600 | > 30.0 |" in lines["sign"]
@@ -135,8 +140,7 @@ def test_a_shorter_backprop_budget_shows_no_values_past_it():
     bp = r["runs"][2]
     bp["budget_s"] = 100.0
     bp["curve"] = [p for p in bp["curve"] if p["time_s"] <= 100]
-    lines = {line.split(" | ")[0].strip("| "): line for line in learning.table(r).splitlines()
-             if line.startswith("| ")}
+    lines = table_rows(learning.table(r))
     assert "| 2.500 | - | - | 9000 |" in lines["backprop"]                  # 1 min, then past 100 s
     assert "| 590 | 59.0 | not in 600 | > 30.0 |" in lines["sign"]           # ratios use its own run
     assert "backprop ran for 1.7 min" in learning.table(r)
@@ -149,13 +153,11 @@ def test_a_shorter_es_budget_bounds_its_own_ratios():
     """--run NAME@SECONDS: a threshold the run never reached is bounded by its own budget, not the longest."""
     r = fake_report(budget=3600.0)
     r["runs"][0]["budget_s"] = 600.0
-    lines = {line.split(" | ")[0].strip("| "): line for line in learning.table(r).splitlines()
-             if line.startswith("| ")}
+    lines = table_rows(learning.table(r))
     assert "| 590 | 59.0 | not in 600 | > 30.0 |" in lines["sign"]          # 600 / 20, not 3600 / 20
     r["runs"][2]["budget_s"] = 8.0                                          # backprop: 3.6 not within 8 s
     r["runs"][2]["curve"] = r["runs"][2]["curve"][:1]
-    lines = {line.split(" | ")[0].strip("| "): line for line in learning.table(r).splitlines()
-             if line.startswith("| ")}
+    lines = table_rows(learning.table(r))
     assert "| 590 | < 74 |" in lines["sign"]                                 # 590 / 8, not 590 / 3600
 
 
