@@ -57,7 +57,8 @@ def args(env, run_dir, steps=1000, *extra) -> list[str]:
 # under ``nohup`` (SIGHUP ignored) or as ``... &`` from a script (SIGINT ignored) keeps those
 # ignored on purpose (int_lm/stopping.py), so a test suite launched that way would see them ignored.
 DEFAULT_SIGNALS = [sys.executable, "-c", "import os, signal, sys\n"
-                   "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):\n"
+                   "from int_lm.stopping import SIGNALS\n"
+                   "for s in SIGNALS:\n"
                    "    signal.signal(s, signal.SIG_DFL)\n"
                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
 
