@@ -21,7 +21,7 @@ OUT_DIR/gpu_check.md (a short summary). The parts, in this order of priority:
    2^14 and 2^18 in chunks of 2^14, T = 100: inference and EGGROLL population-tokens/s,
    train_over_infer, device peak memory, compile time. Each N in its own process.
 3. **Training**: ``train.py --config configs/paper_minipile_gpu.toml`` on ``--corpus``
-   for 2 minutes from its start-up banner (then Ctrl-C: it finishes the step and saves),
+   for 2 minutes from its start-up banner (then SIGTERM: it finishes the step and saves),
    then ``eval.py`` for the exact validation bits/byte at the end.
 4. **Roofline** (if time is left): ``throughput.py --roofline`` at N = one chunk.
 
@@ -302,7 +302,7 @@ def throughput_part(sizes: dict, population: int, env: dict, timeout: float, roo
 
 def training_part(args, sizes: dict, corpus: str, env: dict, budget: Budget, workdir: Path) -> dict:
     """train.py on the corpus for ``train_s`` seconds after its set-up (metadata.json written or the
-    start-up banner printed, whichever comes first), then Ctrl-C (it finishes the step and saves), then eval.py."""
+    start-up banner printed, whichever comes first), then SIGTERM (it finishes the step and saves), then eval.py."""
     run_dir = workdir / "train_run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "paper_minipile_gpu.toml"),
            "--data.source", corpus, "--data.cache_dir", str(workdir / "cache"), "--train.run_dir", str(run_dir),
@@ -318,13 +318,15 @@ def training_part(args, sizes: dict, corpus: str, env: dict, budget: Budget, wor
         while proc.poll() is None:
             now = time.monotonic()
             if banner_at is None and "int_lm: EGGROLL training" in log_path.read_text(errors="replace"):
-                banner_at = now  # printed just before the loop installs its Ctrl-C handler
+                banner_at = now  # printed just before the loop installs its stop-signal handlers
             if setup_at is None and (banner_at is not None or (run_dir / "metadata.json").exists()):
                 setup_at = now
-            # Ctrl-C once the loop runs (banner seen; 30 s grace should its wording change)
+            # SIGTERM once the loop runs (banner seen; 30 s grace should its wording change). Not
+            # SIGINT: a check started in the background (`... &` from a script) has SIGINT ignored,
+            # and the trainer keeps an ignored signal ignored.
             if (interrupted_at is None and setup_at is not None and now - setup_at >= sizes["train_s"]
                     and (banner_at is not None or now - setup_at >= sizes["train_s"] + 30)):
-                proc.send_signal(signal.SIGINT)  # the trainer finishes this step, saves, writes history
+                proc.send_signal(signal.SIGTERM)  # the trainer finishes this step, saves, writes history
                 interrupted_at = now
             if now > deadline:
                 proc.kill()
@@ -332,8 +334,8 @@ def training_part(args, sizes: dict, corpus: str, env: dict, budget: Budget, wor
                 break
             time.sleep(0.2)
     wall = time.monotonic() - t0
-    # A run stopped by our Ctrl-C saves and then exits 0 or, by the shell's convention, 128 + SIGINT.
-    stopped = interrupted_at is not None and proc.returncode == 128 + signal.SIGINT
+    # A run stopped by our SIGTERM saves and then exits 0 or, by the shell's convention, 128 + SIGTERM.
+    stopped = interrupted_at is not None and proc.returncode == 128 + signal.SIGTERM
     finished = (proc.returncode == 0 or stopped) and (run_dir / "history.jsonl").exists()
     out = {"ok": finished, "returncode": proc.returncode, "wall_s": wall,
            "train_s": (interrupted_at - setup_at) if interrupted_at and setup_at else None,

@@ -33,6 +33,17 @@ def tiny_env(tmp_path_factory):
     return {"env": e, "cache": str(base / "data_cache")}
 
 
+# A child started through this prefix has the stop signals at their default disposition, then
+# execs ``python ARGS``: a run started under ``nohup`` (SIGHUP ignored) or as ``... &`` from a
+# script (SIGINT ignored) keeps those ignored on purpose (int_lm/stopping.py), so tests that
+# send them must not depend on how the suite itself was launched.
+DEFAULT_SIGNALS = [sys.executable, "-c", "import os, signal, sys\n"
+                   "from int_lm.stopping import SIGNALS\n"
+                   "for s in SIGNALS:\n"
+                   "    signal.signal(s, signal.SIG_DFL)\n"
+                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
+
+
 def tiny_args(env) -> list[str]:
     """The reference run's settings (the tiny config on 40 stdlib documents)."""
     return ["--config", "configs/tiny.toml", "--data.max_docs", "40", "--data.val_tokens", "512",

@@ -29,7 +29,7 @@ from int_lm import data as D
 from int_lm.errors import UserError
 
 import reference as ref
-from conftest import TINY_EVERY, TINY_STEPS, tiny_args
+from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = TINY_STEPS  # the straight reference run (30 steps); checkpoints every 3 steps, keep 3
@@ -56,8 +56,9 @@ def run(cmd, env, expect=0, timeout=600) -> subprocess.CompletedProcess:
 
 
 def start(cmd, env, log: Path) -> subprocess.Popen:
+    """``python ARGS`` (cmd[0] is sys.executable) with the stop signals at their defaults (conftest)."""
     f = open(log, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen(DEFAULT_SIGNALS + cmd[1:], cwd=ROOT, env=env["env"], stdout=f, stderr=subprocess.STDOUT)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout=300) -> None:

@@ -29,8 +29,9 @@ import pytest
 
 from int_lm import checkpoint as CK
 from int_lm import config as C
+from int_lm.stopping import SIGNALS
 
-from conftest import TINY_EVERY, TINY_STEPS, tiny_args
+from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, tiny_args
 from test_checkpoint import assert_same_state, final_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,16 +52,6 @@ def straight(tiny_straight):
 def args(env, run_dir, steps=1000, *extra) -> list[str]:
     return [sys.executable, "train.py", "--train.run_dir", str(run_dir), *tiny_args(env), "--train.steps", str(steps),
             *map(str, extra)]
-
-
-# Start a child with the stop signals at their default disposition and exec it: a run started
-# under ``nohup`` (SIGHUP ignored) or as ``... &`` from a script (SIGINT ignored) keeps those
-# ignored on purpose (int_lm/stopping.py), so a test suite launched that way would see them ignored.
-DEFAULT_SIGNALS = [sys.executable, "-c", "import os, signal, sys\n"
-                   "from int_lm.stopping import SIGNALS\n"
-                   "for s in SIGNALS:\n"
-                   "    signal.signal(s, signal.SIG_DFL)\n"
-                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
 
 
 def cli_config(env, run_dir, steps) -> C.Config:
@@ -121,6 +112,7 @@ def test_stop_signals_in_process():
     a second signal); a signal ignored at the start (nohup's SIGHUP) stays ignored; the handlers
     are restored. (A second signal ends the process: tested in a subprocess below.)"""
     from int_lm.stopping import Interrupted, StopSignals
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}   # SIGINT: ignored under `&`
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with pytest.raises(Interrupted, match="during start-up") as err, StopSignals():
@@ -140,8 +132,7 @@ def test_stop_signals_in_process():
             assert stop.requested and stop.signum == signal.SIGHUP
             os.kill(os.getpid(), signal.SIGHUP)          # the shell's hang-up after the terminal's
             time.sleep(0.2)
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert {sig: signal.getsignal(sig) for sig in before} == before
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.set_wakeup_fd(-1) == -1
     finally:
         signal.signal(signal.SIGHUP, previous)
@@ -209,6 +200,8 @@ def test_ctrl_c_in_a_terminal_piped_to_tee(env, straight, tmp_path):
         pid, master = pty.fork()
     if pid == 0:      # the child: a new session whose controlling terminal is the pty
         try:
+            for s in SIGNALS:     # as in a terminal, whatever ignored them where the suite started
+                signal.signal(s, signal.SIG_DFL)
             os.chdir(ROOT)
             os.execvpe("bash", ["bash", "--norc", "--noprofile", "-c", cmd], env["env"])
         finally:
