@@ -32,6 +32,13 @@ and compressor baselines as lines; matplotlib, in the ``bench`` extra), each run
 it; "reach" is the time of the first evaluation at or below the threshold, so both are only
 as fine as each run's evaluation interval (``--train.eval_every`` for ES runs,
 ``--bp_eval_every_s`` for backprop).
+
+Seeds: ``--seeds 0 1 2`` runs every ``--run`` (and backprop) once per seed, as
+``NAME-s0``, ``NAME-s1``, ... (``--train.seed``; backprop's ``--seed``), and the table gains
+a second one over the seeds: median [min-max] of every value and time to reach, by run,
+and the ratio of the medians to backprop's. One seed is a noisy measure early in a run:
+on tinyshakespeare the shipped config's validation bits/byte at step 450 spans 0.06
+between seeds 0 and 1 (docs/training.md).
 """
 from __future__ import annotations
 
@@ -182,9 +189,11 @@ def loadavg() -> float | None:
 class Job:
     """One run: its command, where it ran, what it printed and when its clock started."""
 
-    def __init__(self, name: str, kind: str, cmd: list[str], out: Path, result_path: Path, budget: float):
+    def __init__(self, name: str, kind: str, cmd: list[str], out: Path, result_path: Path, budget: float,
+                 group: str | None = None, seed: int | None = None):
         self.name, self.kind, self.cmd, self.out, self.result_path = name, kind, cmd, out, result_path
         self.budget = budget
+        self.group, self.seed = group or name, seed     # --seeds: the run it repeats, and which seed
         self.core = None
         self.notes: list[str] = []
         self.started = self.clock0 = self.ended = None
@@ -299,7 +308,10 @@ def table(report: dict) -> str:
         head += [f"s to <= {thr:g}"] + ([f"ES / backprop ({thr:g})"] if bp else [])
     own_budget = {r["name"]: run_budget(report, r) for r in runs}
     rows = []
+    bps = [x for x in runs if x["kind"] == "backprop"]
     for r in runs:
+        # with --seeds each run is compared with the backprop run of its own seed
+        bp = next((x for x in bps if x.get("seed") == r.get("seed")), bps[0] if bps else None)
         cells = [r["name"], "backprop (Adam, float32)" if r["kind"] == "backprop" else "EGGROLL (int8)"]
         own = own_budget[r["name"]]
         for m in marks:
@@ -319,6 +331,7 @@ def table(report: dict) -> str:
                     cells.append(f"{t / tb:.1f}" if t is not None else f"> {own / tb:.1f}")
         rows.append(cells)
     base = shared_baselines(runs)
+    summary = over_seeds(report)
     out = [f"# Learning at equal wall-clock ({fmt_time(budget)} per run)", ""]
     out.append("Validation bits/byte of each run at the last evaluation at or before each time (the trainer's "
                "slice of the validation split, exact bits from the model's logits); steps and training "
@@ -330,6 +343,7 @@ def table(report: dict) -> str:
     out.append("|" + "---|" * len(head))
     out += ["| " + " | ".join(c) + " |" for c in rows]
     out.append("")
+    out += summary
     if base:
         out.append("Baselines (validation split): " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) + ".")
         out.append("")
@@ -352,6 +366,59 @@ def table(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def median_of(values: list[float]) -> float:
+    """The median (the mean of the middle two for an even count); inf counts as larger than any value."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def over_seeds(report: dict) -> list[str]:
+    """Markdown lines: each run repeated over seeds (``--seeds``) as median [min-max], or [] if none is.
+
+    A seed that did not reach a threshold within its budget counts as later than every
+    seed that did; the median is then "> budget" when half or more missed it. The ratio
+    to backprop is of the medians.
+    """
+    budget, reach = report["budget_s"], report.get("reach", [])
+    groups: dict[str, list[dict]] = {}
+    for r in report["runs"]:
+        groups.setdefault(r.get("group") or r["name"], []).append(r)
+    if not any(len(g) > 1 for g in groups.values()):
+        return []
+    marks = marks_for(budget, report.get("marks_s"))
+
+    def reach_times(g, thr):
+        return [t if t is not None else math.inf
+                for t in (time_to_reach(r["curve"], thr, run_budget(report, r)) for r in g)]
+
+    bp = groups.get("backprop") if any(r["kind"] == "backprop" for r in groups.get("backprop", [])) else None
+    head = ["run", "seeds"] + [fmt_time(m) for m in marks]
+    for thr in reach:
+        head += [f"s to <= {thr:g}"] + ([f"ES / backprop ({thr:g})"] if bp else [])
+    rows = []
+    for name, g in groups.items():
+        own = min(run_budget(report, r) for r in g)
+        cells = [name, ", ".join(str(r.get("seed")) for r in g)]
+        for m in marks:
+            vals = [p["val_bits_per_byte"] for p in (value_at(r["curve"], m) for r in g) if p is not None]
+            cells.append("-" if m > own or len(vals) < len(g) else
+                         f"{median_of(vals):.3f} [{min(vals):.3f}-{max(vals):.3f}]")
+        for thr in reach:
+            ts = reach_times(g, thr)
+            med = median_of(ts)
+            hi = f"{max(ts):.0f}" if max(ts) < math.inf else "not in"
+            cells.append(f"> {own:g} [{min(ts):.0f}-not in]" if med == math.inf and min(ts) < math.inf else
+                         f"not in {own:g}" if med == math.inf else f"{med:.0f} [{min(ts):.0f}-{hi}]")
+            if bp:
+                tb = median_of(reach_times(bp, thr))
+                cells.append("-" if med == math.inf or tb == math.inf else f"{med / tb:.1f}")
+        rows.append(cells)
+    out = [f"Over seeds: median [min-max] of the runs above, by run ({len(groups)} runs).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + ["| " + " | ".join(c) + " |" for c in rows] + [""]
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -359,6 +426,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     lows, firsts, lasts = [], [], []
+    colours: dict[str, str] = {}      # one colour per run; its seeds (--seeds) share it
     for r in report["runs"]:
         pts = [p for p in r["curve"] if p["time_s"] > 0]
         if not pts:
@@ -366,7 +434,13 @@ def plot(report: dict, path: Path) -> None:
         xs = [p["time_s"] / 60 for p in pts]
         ys = [p["val_bits_per_byte"] for p in pts]
         style = "--" if r["kind"] == "backprop" else "-"
-        ax.plot(xs, ys, style, marker=".", markersize=3, label=f"{r['name']} ({r['steps']} steps)")
+        group = r.get("group") or r["name"]
+        first = group not in colours
+        colours.setdefault(group, f"C{len(colours) % 10}")
+        label = f"{r['name']} ({r['steps']} steps)" if group == r["name"] else (
+            f"{group} (seeds {', '.join(str(x.get('seed')) for x in report['runs'] if x.get('group') == group)})"
+            if first else None)
+        ax.plot(xs, ys, style, marker=".", markersize=3, color=colours[group], label=label)
         lows.append(min(ys))
         firsts.append(ys[0])
         lasts.append(ys[-1])
@@ -390,7 +464,8 @@ def plot(report: dict, path: Path) -> None:
         pad = 0.04 * (top - min(values)) + 0.05
         ax.set_ylim(min(values) - pad, top + pad)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -434,6 +509,9 @@ def main(argv=None) -> int:
                              ("eval_every_s", float, "seconds between validations")):
         parser.add_argument(f"--bp_{flag}", f"--bp-{flag.replace('_', '-')}", type=kind, default=None,
                             help=f"backprop's {what} (default: benchmarks/backprop.py's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="run every run (and backprop) once per seed, as NAME-sSEED, and add a table "
+                             "over seeds (median and range)")
     parser.add_argument("--setup_timeout", "--setup-timeout", type=float, default=1800.0,
                         help="seconds a run may take to start training")
     parser.add_argument("--stop_timeout", "--stop-timeout", type=float, default=600.0,
@@ -467,24 +545,37 @@ def main(argv=None) -> int:
     runs = [parse_run(s) for s in args.run]
     if len({n for n, _, _, _ in runs}) != len(runs):
         parser.error("run names must differ")
+    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+        parser.error(f"--seeds must be distinct seeds >= 0, got {args.seeds}")
+    if args.seeds and args.bp_seed is not None:
+        parser.error("--bp_seed and --seeds both set backprop's seed: give one")
+    seeds = args.seeds or [None]
     for name, config, extra, budget in runs:
-        run_dir = out / name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            parser.error(f"{run_dir} is not empty (the trainer would resume it): choose another --out or remove it")
-        cmd = [sys.executable, str(ROOT / "train.py"), "--config", config, "--train.steps=1000000000",
-               *overrides, *extra, f"--train.run_dir={run_dir}", "--train.progress=false"]
-        jobs.append(Job(name, "es", cmd, out, run_dir, budget or args.seconds))
+        for seed in seeds:
+            job_name = name if seed is None else f"{name}-s{seed}"
+            run_dir = out / job_name
+            if run_dir.exists() and any(run_dir.iterdir()):
+                parser.error(f"{run_dir} is not empty (the trainer would resume it): choose another --out or "
+                             "remove it")
+            seeded = [] if seed is None else [f"--train.seed={seed}"]
+            cmd = [sys.executable, str(ROOT / "train.py"), "--config", config, "--train.steps=1000000000",
+                   *overrides, *extra, *seeded, f"--train.run_dir={run_dir}", "--train.progress=false"]
+            jobs.append(Job(job_name, "es", cmd, out, run_dir, budget or args.seconds, group=name, seed=seed))
     if args.backprop:
         config, extra = (args.bp_config, []) if args.bp_config or not runs else (runs[0][1], runs[0][2])
         config = config or "configs/default.toml"
-        result = out / "backprop" / "result.json"
         bp_seconds = args.bp_seconds or args.seconds
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "backprop.py"), "--config", config, *overrides, *extra,
-               "--seconds", f"{bp_seconds:g}", "--json", str(result)]
-        for flag in ("batch", "seq_len", "lr", "seed", "eval_every_s"):
-            if getattr(args, f"bp_{flag}") is not None:
-                cmd += [f"--{flag}", str(getattr(args, f"bp_{flag}"))]
-        jobs.append(Job("backprop", "backprop", cmd, out, result, bp_seconds))
+        for seed in seeds:
+            job_name = "backprop" if seed is None else f"backprop-s{seed}"
+            result = out / job_name / "result.json"
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "backprop.py"), "--config", config, *overrides,
+                   *extra, "--seconds", f"{bp_seconds:g}", "--json", str(result)]
+            for flag in ("batch", "seq_len", "lr", "seed", "eval_every_s"):
+                if getattr(args, f"bp_{flag}") is not None:
+                    cmd += [f"--{flag}", str(getattr(args, f"bp_{flag}"))]
+            if seed is not None:
+                cmd += ["--seed", str(seed)]
+            jobs.append(Job(job_name, "backprop", cmd, out, result, bp_seconds, group="backprop", seed=seed))
 
     lock = threading.Lock()
 
@@ -535,13 +626,14 @@ def main(argv=None) -> int:
         res = (es_result(job.result_path, job.budget) if job.kind == "es"
                else bp_result(job.result_path, job.budget))
         notes = job.notes + ([res.pop("error")] if "error" in res else [])
-        report_runs.append({"name": job.name, "kind": job.kind, "command": job.cmd, "core": job.core,
+        report_runs.append({"name": job.name, "group": job.group, "seed": job.seed, "kind": job.kind,
+                            "command": job.cmd, "core": job.core,
                             "budget_s": job.budget, "load": job.load, "notes": notes, **res})
     bases = {json.dumps(r["baselines"], sort_keys=True) for r in report_runs if r.get("baselines")}
     if len(bases) > 1:
         say("warning: the runs report different baselines: were they on the same corpus and split?")
     report = {"version": 1, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.seconds,
-              "reach": args.reach, "marks_s": args.marks, "placement": placement_note(jobs, cores, args.jobs),
+              "seeds": args.seeds, "reach": args.reach, "marks_s": args.marks, "placement": placement_note(jobs, cores, args.jobs),
               "machine": machine(), "total_wall_s": time.time() - t0, "runs": report_runs}
     write_outputs(report, out)
     say("")

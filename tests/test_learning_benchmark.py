@@ -89,9 +89,11 @@ def test_quantised_float_weights_round_trip():
         np.testing.assert_array_equal(np.asarray(M.get_leaf(back, path)), np.asarray(M.get_leaf(ip, path)))
 
 
+def curve(pairs):
+    return [{"time_s": t, "step": i + 1, "val_bits_per_byte": v} for i, (t, v) in enumerate(pairs)]
+
+
 def fake_report(budget=600.0):
-    def curve(pairs):
-        return [{"time_s": t, "step": i + 1, "val_bits_per_byte": v} for i, (t, v) in enumerate(pairs)]
     return {
         "budget_s": budget, "reach": [3.6, 3.4], "marks_s": None, "placement": "test",
         "machine": {"cpu": "test cpu", "cpus": 2, "cpu_flags": ["avx2"]},
@@ -159,6 +161,58 @@ def test_a_shorter_es_budget_bounds_its_own_ratios():
     r["runs"][2]["curve"] = r["runs"][2]["curve"][:1]
     lines = table_rows(learning.table(r))
     assert "| 590 | < 74 |" in lines["sign"]                                 # 590 / 8, not 590 / 3600
+
+
+def seeded_report() -> dict:
+    """Two ES runs over three seeds, backprop over the same three (as ``--seeds 0 1 2`` writes it)."""
+    r = fake_report()
+    base = dict(r["runs"][0])
+    runs = []
+    for name, points in (("mom", [[(60, 3.9), (100, 3.59)], [(60, 3.8), (130, 3.58)], [(60, 4.0), (590, 3.7)]]),
+                         ("sign", [[(60, 4.3), (300, 3.6)], [(60, 4.2), (500, 3.5)], [(60, 4.4), (590, 3.9)]])):
+        for seed, pts in enumerate(points):
+            runs.append({**base, "name": f"{name}-s{seed}", "group": name, "seed": seed, "curve": curve(pts)})
+    for seed, t in enumerate((10, 20, 30)):
+        runs.append({**r["runs"][2], "name": f"backprop-s{seed}", "group": "backprop", "seed": seed,
+                     "curve": curve([(t, 3.5), (595, 2.2)])})
+    r["runs"] = runs
+    return r
+
+
+def test_runs_over_seeds_get_a_median_and_range_table():
+    """--seeds: median [min-max] by run; a seed that never got there counts as later than the rest."""
+    r = seeded_report()
+    md = learning.table(r)
+    lines = table_rows(md)
+    assert "Over seeds: median [min-max]" in md
+    # per seed, ratios against backprop of the same seed: mom-s1 130 s / 20 s
+    assert "| 130 | 6.5 |" in lines["mom-s1"]
+    # 1 min: 3.9 [3.8-4.0]; 3.6: 100, 130, never -> median 130 [100-not in]; backprop's median 20 -> 6.5
+    assert lines["mom"].startswith("| mom | 0, 1, 2 | 3.900 [3.800-4.000] |")
+    assert "| 130 [100-not in] | 6.5 |" in lines["mom"]
+    # 3.4: no seed got there
+    assert lines["mom"].endswith("| not in 600 | - |")
+    # sign 3.6: 300, 500, never -> 500; 3.4: never for two of three -> "> 600"
+    assert "| 500 [300-not in] | 25.0 |" in lines["sign"]
+    assert "| backprop | 0, 1, 2 |" in md
+    lone = fake_report()
+    assert "Over seeds" not in learning.table(lone)       # no run repeated: no second table
+
+
+def test_seeds_expand_every_run_and_backprop(tmp_path, monkeypatch):
+    """--seeds 0 3: NAME-s0, NAME-s3 with --train.seed, backprop-s0/-s3 with --seed; refused with --bp_seed."""
+    started = []
+    monkeypatch.setattr(learning.Job, "run", lambda self, *a, **k: started.append(self))
+    learning.main(["--run", "mom=configs/tiny.toml --es.lr 0.5", "--backprop", "--seeds", "0", "3",
+                   "--seconds", "5", "--out", str(tmp_path / "o")])
+    assert [(j.name, j.group, j.seed) for j in started] == [
+        ("mom-s0", "mom", 0), ("mom-s3", "mom", 3), ("backprop-s0", "backprop", 0), ("backprop-s3", "backprop", 3)]
+    assert started[1].cmd[-5:-2] == ["--es.lr", "0.5", "--train.seed=3"]     # after the run's own overrides
+    assert started[1].cmd[-2] == f"--train.run_dir={tmp_path / 'o' / 'mom-s3'}"
+    assert started[3].cmd[-2:] == ["--seed", "3"] and str(tmp_path / "o" / "backprop-s3") in " ".join(started[3].cmd)
+    for bad in (["--seeds", "1", "1"], ["--seeds", "0", "--bp_seed", "2"]):
+        with pytest.raises(SystemExit):
+            learning.main(["--run", "mom=configs/tiny.toml", "--backprop", *bad, "--out", str(tmp_path / "p")])
 
 
 def test_run_specs_with_and_without_their_own_budget():
