@@ -218,11 +218,16 @@ def vote_value(hi, lo):
 # One population step
 # ---------------------------------------------------------------------------
 
+def member_log_likelihoods(spec: EggrollSpec, params, noise, states, tokens):
+    """Run the members of ``noise``'s pairs on tokens (B, T+1); returns (ll per token (B, T), states)."""
+    member_params, factors = member_model_inputs(spec, params, noise)
+    return model.forward(member_params, states, tokens[:, :-1], tokens[:, 1:],
+                         spec.shape.boundary_token, factors, spec.matrix_shift)
+
+
 def evaluate_members(spec: EggrollSpec, params, noise, states, tokens):
     """Run the members of ``noise``'s pairs on tokens (B, T+1); returns (scores (B,), states)."""
-    member_params, factors = member_model_inputs(spec, params, noise)
-    ll, states = model.forward(member_params, states, tokens[:, :-1], tokens[:, 1:],
-                               spec.shape.boundary_token, factors, spec.matrix_shift)
+    ll, states = member_log_likelihoods(spec, params, noise, states, tokens)
     return jnp.sum(ll, axis=1), states
 
 
