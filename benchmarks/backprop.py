@@ -229,7 +229,8 @@ def forward_time_major(params, states, inputs, boundary_token: int, floors: bool
         up = matmul(layer_norm(x, lp["ln2"][layer], r), lp["up"][layer], r)
         x = sat(x + matmul(up, lp["down"][layer], r))
         finals.append(last)
-    return matmul(layer_norm(x, params["ln_out"], r), params["head"], r), jnp.stack(finals)
+    head = params["head"] if "head" in params else params["embed"]   # model.tie_head: the embedding table
+    return matmul(layer_norm(x, params["ln_out"], r), head, r), jnp.stack(finals)
 
 
 def bits_per_token(logits, targets):

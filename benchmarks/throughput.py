@@ -58,8 +58,7 @@ def naive_es_step(spec: eggroll.EggrollSpec, shift: int):
 
         def member_forward(m, noise_m):
             sign = 1 - 2 * (m % 2)
-            p = {"layers": dict(params["layers"]), "embed": params["embed"], "head": params["head"],
-                 "ln_out": params["ln_out"]}
+            p = {**params, "layers": dict(params["layers"])}
             for path, e in noise_m.items():
                 w = model.get_leaf(params, path)
                 pert = intmath.sat8(w.astype(jnp.int32) + ((sign * e.astype(jnp.int32)) >> shift))
@@ -73,8 +72,7 @@ def naive_es_step(spec: eggroll.EggrollSpec, shift: int):
         scores, new_states = jax.lax.map(lambda a: member_forward(a[0], a[1]),
                                          (jnp.arange(members), noise_members))
         fitness = eggroll.shape_fitness(scores)
-        new = {"layers": dict(params["layers"]), "embed": params["embed"], "head": params["head"],
-               "ln_out": params["ln_out"]}
+        new = {**params, "layers": dict(params["layers"])}
         for path, e in dense.items():
             z = jnp.einsum("p,p...->...", fitness, e.astype(jnp.int32))
             w = model.get_leaf(params, path)

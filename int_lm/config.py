@@ -44,6 +44,8 @@ class ModelConfig:
                                    "a model without data)")
     boundary_token: int = setting(0, "document-boundary token id, where the recurrent state resets; set from the "
                                      "tokenizer when training")
+    tie_head: bool = setting(False, "true: the output head is the embedding table (one V x d matrix instead of two: "
+                                    "fewer weights for the noise to cover; docs/training.md)")
 
 
 @dataclass(frozen=True)

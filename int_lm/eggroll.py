@@ -116,7 +116,7 @@ def member_model_inputs(spec: EggrollSpec, params, noise):
     sign to each pair's A (``model.lowrank_term``); for vectors it sits on the
     product a*b, before the shift. The noise is already in the model's layout.
     """
-    member_params = {"embed": params["embed"], "head": params["head"], "layers": dict(params["layers"])}
+    member_params = {**params, "layers": dict(params["layers"])}
     factors = {"layers": {}}
     for path, (a, b) in noise.items():
         if model.is_matrix(path):  # low-rank factors, one per pair

@@ -37,16 +37,18 @@ class ModelShape:
     width: int
     layers: int
     boundary_token: int = 0
+    tie_head: bool = False      # the head reads the embedding table (there is no "head" parameter)
 
     @classmethod
     def from_config(cls, model_cfg) -> "ModelShape":
-        return cls(model_cfg.vocab_size, model_cfg.width, model_cfg.layers, model_cfg.boundary_token)
+        return cls(model_cfg.vocab_size, model_cfg.width, model_cfg.layers, model_cfg.boundary_token,
+                   model_cfg.tie_head)
 
 
 def param_shapes(shape: ModelShape) -> dict:
     """Name -> shape of every parameter (layer parameters stacked on axis 0)."""
     v, d, n_layers = shape.vocab_size, shape.width, shape.layers
-    return {
+    shapes = {
         "embed": (v, d),
         "head": (v, d),
         "ln_out": (d,),
@@ -58,6 +60,9 @@ def param_shapes(shape: ModelShape) -> dict:
             "up": (n_layers, 4 * d, d), "down": (n_layers, d, 4 * d),
         },
     }
+    if shape.tie_head:   # the head is the embedding table: one matrix, its noise and its votes serve both
+        del shapes["head"]
+    return shapes
 
 
 def param_leaves(shape: ModelShape) -> list[tuple[tuple[str, ...], tuple[int, ...], bool]]:
@@ -67,7 +72,7 @@ def param_leaves(shape: ModelShape) -> list[tuple[tuple[str, ...], tuple[int, ..
     noise streams, so it is part of the integer semantics: never reorder it.
     """
     shapes = param_shapes(shape)
-    out = [((name,), shapes[name], is_matrix((name,))) for name in ("embed", "head", "ln_out")]
+    out = [((name,), shapes[name], is_matrix((name,))) for name in ("embed", "head", "ln_out") if name in shapes]
     for name in sorted(shapes["layers"]):
         out.append((("layers", name), shapes["layers"][name], is_matrix(("layers", name))))
     return out
@@ -120,8 +125,9 @@ def init_params(shape: ModelShape, seed: int) -> dict:
         "embed": gaussian(shapes["embed"]),
         "layers": layers,
         "ln_out": np.full(shapes["ln_out"], intmath.ONE, np.int8),
-        "head": gaussian(shapes["head"]),
     }
+    if "head" in shapes:   # drawn last, so a tied model's other weights are the untied model's
+        params["head"] = gaussian(shapes["head"])
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -275,7 +281,8 @@ def step(params, states, tokens, boundary_token: int, factors=None, shift: int =
     for layer, s in enumerate(states):
         x, h = block(x, s, lp, layer, layer_factors, shift)
         new_states.append(h)
-    logits = matmul(backend.materialize(intmath.layer_norm(x, params["ln_out"])), params["head"], get("head"), shift)
+    head = "head" if "head" in params else "embed"   # tied: the embedding table and its noise
+    logits = matmul(backend.materialize(intmath.layer_norm(x, params["ln_out"])), params[head], get(head), shift)
     return logits, tuple(new_states)
 
 

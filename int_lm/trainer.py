@@ -182,7 +182,7 @@ def build_run(cfg: config.Config, *, tracker=None, progress: bool | None = None,
               resumed=plan is not None, progress=progress, sampler=sampler)
     log(summary_lines("int_lm: EGGROLL training", {
         "model": f"{shape.layers} layers x {shape.width} wide, V={shape.vocab_size} "
-                 f"({model.param_count(shape):,} int8 parameters)",
+                 f"({model.param_count(shape):,} int8 parameters{', head tied to the embedding' if shape.tie_head else ''})",
         "population": f"{es.population} ({es.population // 2} antithetic pairs, group size {es.group_size}, "
                       f"rank {es.rank}, sigma 2^-{es.sigma_shift})",
         "update rule": es.optimizer,
@@ -240,7 +240,7 @@ def evaluate(run: Run, state: train_state.TrainState) -> dict[str, Any]:
     with a sampler, the text sample (under SAMPLE_TAG, for :meth:`RunRecord.step`) and its seconds."""
     params = run.layout.local(state.params)
     val_bpb = run.validate(params)
-    for path in HISTOGRAMS:
+    for path in (p for p in HISTOGRAMS if p[0] in state.params):   # a tied model has no head
         run.tracker.histogram(state.step, "weights/" + "/".join(path), np.asarray(model.get_leaf(state.params, path)))
     out = {"val/bits_per_byte": val_bpb, **{f"val/baseline_{k}": v for k, v in run.val_ref.items()}}
     if run.sampler is not None:

@@ -106,7 +106,7 @@ class Reference:
             up = self._mm(layer_norm(x, self._vec("ln2", l)), "up", l)
             x = sat8(x + self._mm(up, "down", l))
         ln_out = np.asarray(self.pert.get("ln_out", self.p["ln_out"]), np.int64)
-        logits = self._mm(layer_norm(x, ln_out), "head")
+        logits = self._mm(layer_norm(x, ln_out), "head" if "head" in self.p else "embed")   # tie_head
         return logits, new_state
 
     def run(self, inputs, targets, state=None):

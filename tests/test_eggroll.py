@@ -17,9 +17,10 @@ def dense(a, b):
     return np.asarray(a, np.int64).T @ np.asarray(b, np.int64)
 
 
-@pytest.mark.parametrize("rank,sigma_shift", [(1, 4), (2, 4), (4, 0)])
-def test_perturbed_forward_equals_dense_reference(rank, sigma_shift):
-    shape = M.ModelShape(64, 32, 2, boundary_token=0)
+@pytest.mark.parametrize("rank,sigma_shift,tie_head", [(1, 4, False), (2, 4, False), (4, 0, False), (1, 4, True)])
+def test_perturbed_forward_equals_dense_reference(rank, sigma_shift, tie_head):
+    """Tied: the embedding's one low-rank perturbation serves the lookup and the head."""
+    shape = M.ModelShape(64, 32, 2, boundary_token=0, tie_head=tie_head)
     spec = E.EggrollSpec(shape, population=6, rank=rank, sigma_shift=sigma_shift)
     params = M.init_params(shape, 1)
     noise = E.make_noise(spec, 7, 3, jnp.arange(3, dtype=jnp.int32))

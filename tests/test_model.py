@@ -125,3 +125,23 @@ def test_forward_has_no_floating_point_anywhere():
     toks = jnp.ones((2, 8), jnp.int32)
     fn = lambda p, s, i, t: M.forward(p, s, i, t, 0)
     assert_integer_only(fn, params, M.init_state(shape, 2), toks, toks)
+
+
+def test_tied_head_is_the_untied_model_with_head_equal_to_embed():
+    """model.tie_head: no head parameter; every other weight is the untied model's (same seed), and the
+    forward pass equals the untied model's with head := embed, bit for bit."""
+    untied, tied = M.ModelShape(48, 16, 2), M.ModelShape(48, 16, 2, tie_head=True)
+    p_u, p_t = M.init_params(untied, 5), M.init_params(tied, 5)
+    assert "head" not in p_t and "head" not in M.param_shapes(tied)
+    assert [p for p, _, _ in M.param_leaves(tied)] == [p for p, _, _ in M.param_leaves(untied) if p != ("head",)]
+    assert M.param_count(untied) - M.param_count(tied) == 48 * 16
+    for a, b in zip(jax.tree_util.tree_leaves({k: v for k, v in p_u.items() if k != "head"}),
+                    jax.tree_util.tree_leaves(p_t)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens = np.random.default_rng(0).integers(0, 48, (3, 12)).astype(np.int32)
+    ll_t, st_t = M.forward(p_t, M.init_state(tied, 3), tokens[:, :-1], tokens[:, 1:], 0)
+    ll_u, st_u = M.forward({**p_u, "head": p_u["embed"]}, M.init_state(untied, 3), tokens[:, :-1], tokens[:, 1:], 0)
+    np.testing.assert_array_equal(np.asarray(ll_t), np.asarray(ll_u))
+    np.testing.assert_array_equal(np.asarray(st_t), np.asarray(st_u))
+    r_ll, _, _ = ref.Reference(jax.tree_util.tree_map(np.asarray, p_t)).run(tokens[0, :-1], tokens[0, 1:])
+    np.testing.assert_array_equal(np.asarray(ll_t[0]), r_ll)

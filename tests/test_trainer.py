@@ -84,11 +84,13 @@ RULES = {
 }
 
 
-@pytest.mark.parametrize("rule", ["sign_ranked", "momentum"])
+@pytest.mark.parametrize("rule", ["sign_ranked", "momentum", "momentum_tied_head"])
 def test_tiny_model_learns_below_unigram_with_each_rule(tmp_path, word_corpus, rule):
-    """(The sign rule: test_tiny_model_learns_below_unigram.)"""
+    """(The sign rule: test_tiny_model_learns_below_unigram.) Tied: the head is the embedding table."""
     cfg = tiny_config(tmp_path, word_corpus)
-    cfg = C.validate(C.apply_values(cfg, {"es": RULES[rule]}, "test"))
+    tied = rule.endswith("_tied_head")
+    rule = rule.removesuffix("_tied_head")
+    cfg = C.validate(C.apply_values(cfg, {"es": RULES[rule], "model": {"tie_head": tied}}, "test"))
     summary = train(cfg, log=lambda *a: None)
     unigram = summary["baselines"]["unigram"]
     history = [h for h in summary["history"] if "val/bits_per_byte" in h]
@@ -97,18 +99,21 @@ def test_tiny_model_learns_below_unigram_with_each_rule(tmp_path, word_corpus, r
         assert {"update/lr", "update/eta_matrix", "update/eta_vector"} <= set(summary["history"][-1])
 
 
-def test_resume_with_optimiser_state_is_bit_exact(tmp_path, word_corpus):
+@pytest.mark.parametrize("tie_head", [False, True])
+def test_resume_with_optimiser_state_is_bit_exact(tmp_path, word_corpus, tie_head):
     """k steps, a checkpoint, k more (a new process would read the same files) == 2k straight,
-    optimiser state (int32 momentum, int16 master weights) included."""
+    optimiser state (int32 momentum, int16 master weights) included; a tied model saves no head."""
     straight = C.validate(C.apply_values(tiny_config(tmp_path / "a", word_corpus, steps=6, eval_every=3,
-                                                     checkpoint_every=3), {"es": RULES["momentum"]}, "test"))
+                                                     checkpoint_every=3),
+                                         {"es": RULES["momentum"], "model": {"tie_head": tie_head}}, "test"))
     ref = train(straight, log=lambda *a: None)
     half = C.validate(C.apply_values(straight, {"train": {"run_dir": str(tmp_path / "b" / "run"), "steps": 3}},
                                      "test"))
     train(half, log=lambda *a: None)
     from int_lm import checkpoint as CK
     saved = CK.restore(tmp_path / "b" / "run", 3)
-    assert saved.opt_state["master"]["head"].dtype == np.int16
+    assert ("head" in saved.params) == (not tie_head) == ("head" in saved.opt_state["master"])
+    assert saved.opt_state["master"]["embed"].dtype == np.int16
     assert saved.opt_state["momentum"]["layers"]["Wf"].dtype == np.int32
     resumed = train(C.validate(C.apply_values(half, {"train": {"steps": 6}}, "test")), log=lambda *a: None)
     for a, b in zip(jax.tree_util.tree_leaves((ref["state"].params, ref["state"].opt_state, ref["state"].states)),
