@@ -4,10 +4,12 @@
     python benchmarks/forward_overhead.py                  # 6 x 256, 128 members, 50 tokens
     python benchmarks/forward_overhead.py --members 256 --tokens 20 --layers 2 --width 128
 
-Times the forward pass alone (no noise making, fitness or vote) four ways: the
+Times the forward pass alone (no noise making, fitness or vote) five ways: the
 unperturbed model (inference); the full EGGROLL perturbation; per-member vector
-parameters only; low-rank matrix factors only. Prints each one's ratio to
-inference. CPU time (user + system of this process) is steadier than wall-clock
+parameters only; low-rank matrix factors only; and members that perturb only the head,
+reading trunk outputs they share (the head matmul with its rank-1 term and the integer
+log-likelihood per token: what a head-only member would cost, docs/training.md). Prints
+each one's ratio to inference. CPU time (user + system of this process) is steadier than wall-clock
 when other jobs share the machine.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from int_lm import backend
 from int_lm import eggroll
+from int_lm import intmath
 from int_lm import model
 
 
@@ -45,6 +48,14 @@ def main(argv=None) -> dict:
     def fwd(p, f, s, x):
         return model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)[0]
 
+    def head_only(p, f, s, x):   # s: trunk outputs after ln_out (T, B, D), shared by every head-only member
+        def body(total, xs):
+            u, y = xs
+            logits = model.matmul(u, p["head"], f["head"], shift)
+            return total + intmath.log_likelihood(logits, y), None
+        return jax.lax.scan(body, jnp.zeros((b,), jnp.int32), (s, x[:, 1:].T))[0]
+
+    trunk = jnp.asarray(np.random.default_rng(1).integers(-60, 61, (t, b, shape.width)), jnp.int8)
     cases = {
         "inference": (params, None),
         "perturbed (all)": (member_params, factors),
@@ -54,10 +65,12 @@ def main(argv=None) -> dict:
     print(f"model {args.layers} x {args.width}, {b} members x {t} tokens, forward only")
     print(f"CPU: {backend.describe_cpu()}")
     out = {}
+    cases["head only (shared trunk)"] = (params, factors)
     for name, (p, f) in cases.items():
-        cpu, wall = common.best_cpu_and_wall(jax.jit(fwd), p, f, states, tokens, repeats=args.repeats)
+        fn, st = (head_only, trunk) if name.startswith("head only") else (fwd, states)
+        cpu, wall = common.best_cpu_and_wall(jax.jit(fn), p, f, st, tokens, repeats=args.repeats)
         out[name] = cpu
-        print(f"  {name:20s} CPU {cpu:7.3f} s  wall {wall:7.3f} s  {b * t / wall:>10,.0f} tok/s  "
+        print(f"  {name:26s} CPU {cpu:7.3f} s  wall {wall:7.3f} s  {b * t / wall:>10,.0f} tok/s  "
               f"inference / this = {out['inference'] / cpu:.3f}")
     return out
 

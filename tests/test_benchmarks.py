@@ -42,7 +42,8 @@ def test_forward_overhead_benchmark_runs():
         [sys.executable, str(ROOT / "benchmarks" / "forward_overhead.py"), "--layers", "1", "--width", "16",
          "--members", "4", "--tokens", "3", "--repeats", "1"], capture_output=True, text=True, timeout=300,
         check=True)
-    for name in ("inference", "perturbed (all)", "vector params only", "matrix factors only"):
+    for name in ("inference", "perturbed (all)", "vector params only", "matrix factors only",
+                 "head only (shared trunk)"):
         assert name in out.stdout, out.stdout
 
 
