@@ -56,18 +56,17 @@ def main(argv=None) -> dict:
         return jax.lax.scan(body, jnp.zeros((b,), jnp.int32), (s, x[:, 1:].T))[0]
 
     trunk = jnp.asarray(np.random.default_rng(1).integers(-60, 61, (t, b, shape.width)), jnp.int8)
-    cases = {
-        "inference": (params, None),
-        "perturbed (all)": (member_params, factors),
-        "vector params only": (member_params, None),
-        "matrix factors only": (params, factors),
+    cases = {   # name: (function, params, factors, states or shared trunk outputs)
+        "inference": (fwd, params, None, states),
+        "perturbed (all)": (fwd, member_params, factors, states),
+        "vector params only": (fwd, member_params, None, states),
+        "matrix factors only": (fwd, params, factors, states),
+        "head only (shared trunk)": (head_only, params, factors, trunk),
     }
     print(f"model {args.layers} x {args.width}, {b} members x {t} tokens, forward only")
     print(f"CPU: {backend.describe_cpu()}")
     out = {}
-    cases["head only (shared trunk)"] = (params, factors)
-    for name, (p, f) in cases.items():
-        fn, st = (head_only, trunk) if name.startswith("head only") else (fwd, states)
+    for name, (fn, p, f, st) in cases.items():
         cpu, wall = common.best_cpu_and_wall(jax.jit(fn), p, f, st, tokens, repeats=args.repeats)
         out[name] = cpu
         print(f"  {name:26s} CPU {cpu:7.3f} s  wall {wall:7.3f} s  {b * t / wall:>10,.0f} tok/s  "

@@ -27,8 +27,9 @@ Cauchy-Schwarz the best such scaling multiplies the vote's signal-to-noise ratio
 ``sqrt(sum rho_k^2 b_k sum b_k) / sum rho_k b_k`` (b_k the block's variance), printed as the
 "per-block sigma bound". ``--aggregations`` rates robust statistics of a pair's per-token
 differences (each clipped, or only their signs counted) by how much of the plain sum's signal
-they keep: their own signal share can be far higher and still measure another objective. The scores are the trainer's (``eggroll.member_log_likelihoods`` on
-``eggroll.make_noise``); only the texts and states are chosen here. Findings: docs/training.md.
+they keep: their own signal share can be far higher and still measure another objective.
+The scores are the trainer's (``eggroll.member_log_likelihoods`` on ``eggroll.make_noise``);
+only the texts and states are chosen here. Findings: docs/training.md.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class Texts:
     """Independent random places of the train split, with the unperturbed model's state before each."""
 
     def __init__(self, tokens: np.ndarray, shape: model.ModelShape, warmup: int, seed: int):
-        self.tokens, self.shape, self.warmup = tokens, shape, warmup
+        self.tokens, self.warmup = tokens, warmup
         self.rng = np.random.default_rng(seed)
 
         def warm(params, seg):
@@ -182,7 +183,8 @@ def measure(spec: eggroll.EggrollSpec, params, texts: Texts, lengths, draws: int
 
 def mean_se(values, key: str) -> dict:
     v = np.asarray(values, np.float64)
-    return {key: float(v.mean()), f"{key}_se": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")}
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {key: float(v.mean()), f"{key}_se": se}
 
 
 def block_sizes(shape: model.ModelShape) -> dict[str, int]:
@@ -200,8 +202,8 @@ def report(result: dict, spec: eggroll.EggrollSpec) -> str:
         a = blocks["all"]
         per_step = pairs * a["rho"] / n_weights
         steps = f"{1 / per_step:,.0f}" if per_step > 0 else "-"
-        lines.append(f"| {length} | {a['var']:,.0f} | {a['rho']:.4f} +- {a['rho_se']:.4f} | {a['rho'] / length:.5f} | "
-                     f"{per_step:.5f} | {steps} |")
+        lines.append(f"| {length} | {a['var']:,.0f} | {a['rho']:.4f} +- {a['rho_se']:.4f} | "
+                     f"{a['rho'] / length:.5f} | {per_step:.5f} | {steps} |")
     for length, blocks in result.items():
         aggs = blocks.get("aggregations")
         if not aggs:

@@ -182,7 +182,8 @@ def build_run(cfg: config.Config, *, tracker=None, progress: bool | None = None,
               resumed=plan is not None, progress=progress, sampler=sampler)
     log(summary_lines("int_lm: EGGROLL training", {
         "model": f"{shape.layers} layers x {shape.width} wide, V={shape.vocab_size} "
-                 f"({model.param_count(shape):,} int8 parameters{', head tied to the embedding' if shape.tie_head else ''})",
+                 f"({model.param_count(shape):,} int8 parameters"
+                 f"{', head tied to the embedding' if shape.tie_head else ''})",
         "population": f"{es.population} ({es.population // 2} antithetic pairs, group size {es.group_size}, "
                       f"rank {es.rank}, sigma 2^-{es.sigma_shift})",
         "update rule": es.optimizer,
