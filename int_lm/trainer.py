@@ -16,6 +16,7 @@ cannot be written (a broken pipe, a full disk under ``tb/``) never stops a run
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -270,7 +271,9 @@ class RunRecord:
     def __init__(self, run: Run, state, progress: bool, log):
         self.run, self.log = run, log
         self.history: list[dict[str, Any]] = run.ckpt.history_until(state.step) if run.resumed else []
-        self.val_bpb = float("nan")
+        # A resumed run reports its last evaluation until it makes a new one (a finished run makes none).
+        self.val_bpb = next((h["val/bits_per_byte"] for h in reversed(self.history) if "val/bits_per_byte" in h),
+                            float("nan"))
         self.t_start = time.perf_counter()
         self.first_step_s = None
         self.bar = None
@@ -339,7 +342,7 @@ class RunRecord:
             "steps": summary["steps"],
             "wall clock": f"{elapsed:.1f} s",
             "train bits/byte": f"{summary['train_bits_per_byte']:.4f}" if history else "-",
-            "val bits/byte": f"{self.val_bpb:.4f}",
+            "val bits/byte": "-" if np.isnan(self.val_bpb) else f"{self.val_bpb:.4f}",
             "throughput": f"{summary['population_tokens_per_s'] or 0:,.0f} population-tokens/s",
             "run dir": str(self.run.run_dir),
         }))
@@ -388,22 +391,31 @@ def train(cfg: config.Config, *, tracker=None, progress: bool | None = None, log
     with stopping.StopSignals() as stop:        # until stop.defer(): a signal stops at once, nothing to save
         if distributed.initialize(cfg.dist):   # joins a multi-process run if dist.* / JAX_* / SLURM say so
             stop.reinstall()            # over jax.distributed's own SIGTERM handler
-        if not distributed.is_main():
+        main = distributed.is_main()
+        if not main:
             log = lambda *a, **k: None  # noqa: E731
-        run, state = build_run(cfg, tracker=tracker, progress=progress, log=log, overrides=overrides)
-        tc = run.cfg.train
-        stop.defer()                            # from here on: finish the step, save, then stop
-        with run.ckpt, RunRecord(run, state, run.progress, log) as record:
-            try:
-                while state.step < tc.steps and not run.layout.agree_stop(stop.requested):
-                    state, metrics = run_step(run, state)
-                    if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
-                        metrics.update(evaluate(run, state))
-                    record.step(state.step, metrics)
-                    if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                        run.ckpt.save(run.layout.host_state(state), run.meta, record.history)
-            except Exception as err:
-                save_after_error(run, state, record, err)
-                raise
-            run.ckpt.save_final(run.layout.host_state(state), run.meta, record.history)  # at the end, or stopped
-        return record.finish(state, stop.agreed(run.layout))
+        # One trainer per run directory (process 0 writes it); the kernel drops the lock however we end.
+        lock = checkpoint.lock_run_dir(cfg.train.run_dir) if main else contextlib.nullcontext()
+        with lock:
+            return _train(cfg, stop, tracker=tracker, progress=progress, log=log, overrides=overrides)
+
+
+def _train(cfg, stop, *, tracker, progress, log, overrides) -> dict[str, Any]:
+    """The body of :func:`train`, inside its stop signals and the run directory's lock."""
+    run, state = build_run(cfg, tracker=tracker, progress=progress, log=log, overrides=overrides)
+    tc = run.cfg.train
+    stop.defer()                            # from here on: finish the step, save, then stop
+    with run.ckpt, RunRecord(run, state, run.progress, log) as record:
+        try:
+            while state.step < tc.steps and not run.layout.agree_stop(stop.requested):
+                state, metrics = run_step(run, state)
+                if tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
+                    metrics.update(evaluate(run, state))
+                record.step(state.step, metrics)
+                if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                    run.ckpt.save(run.layout.host_state(state), run.meta, record.history)
+        except Exception as err:
+            save_after_error(run, state, record, err)
+            raise
+        run.ckpt.save_final(run.layout.host_state(state), run.meta, record.history)  # at the end, or stopped
+    return record.finish(state, stop.agreed(run.layout))

@@ -153,3 +153,38 @@ def test_rule_screen_rebuilds_the_momentum_rule(tmp_path, word_corpus, monkeypat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(Exception, match="unknown keys"):
         screen.parse_rule('{"betta": 2}')
+
+
+def test_one_trainer_per_run_dir_and_a_finished_run_reports_its_last_evaluation(tmp_path, word_corpus):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from int_lm import checkpoint
+
+    cfg = tiny_config(tmp_path, word_corpus, steps=20, eval_every=10, checkpoint_every=10)
+    run_dir = tmp_path / "run"
+    first = train(cfg, log=lambda *a: None)
+    lines = []
+    again = train(cfg, log=lines.append)            # already at train.steps: trains nothing
+    assert again["steps"] == 20 and again["val_bits_per_byte"] == first["val_bits_per_byte"]
+    assert f"{first['val_bits_per_byte']:.4f}" in "\n".join(lines)
+
+    saved = checkpoint.list_steps(run_dir)
+    with checkpoint.lock_run_dir(run_dir):          # another trainer (here: this process) holds the directory
+        with pytest.raises(checkpoint.RunDirBusy, match=f"process {os.getpid()}.*--train.run_dir"):
+            train(C.apply_values(cfg, {"train": {"steps": 30}}, "test"), log=lambda *a: None)
+    assert checkpoint.list_steps(run_dir) == saved
+
+    # A holder that dies without cleaning up (SIGKILL) leaves no lock behind.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom int_lm import checkpoint\n"
+                               f"lock = checkpoint.lock_run_dir({str(run_dir)!r})\nprint('held', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(checkpoint.RunDirBusy, match=f"process {holder.pid}"):
+        checkpoint.lock_run_dir(run_dir)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    resumed = train(C.apply_values(cfg, {"train": {"steps": 30}}, "test"), log=lambda *a: None)
+    assert resumed["steps"] == 30 and not resumed["interrupted"]

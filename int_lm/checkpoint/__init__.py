@@ -7,6 +7,7 @@ A run directory holds::
     RUN_DIR/samples.jsonl                      the text sample of each evaluation: step, prompt, text
     RUN_DIR/resume_log.jsonl                   one line per resume: step, changed keys
     RUN_DIR/checkpoints_superseded/            checkpoints newer than a --train.resume_from step
+    RUN_DIR/.lock                              held (flock) by the trainer writing the directory
 
 One checkpoint = two orbax items:
 
@@ -31,6 +32,7 @@ One idea per module:
     store.py     orbax: list, read_meta, restore; Checkpointer (async saves, GC, history); quiet logs
     resume.py    plan_resume (MUTABLE_KEYS), compatibility checks, supersede_newer, resume log, resume()
     export.py    LoadedModel, load_model (run dir or export), export_model (.safetensors)
+    lock.py      lock_run_dir: one trainer per run directory
     __main__.py  the command line below
 
 Public API (all importable from ``int_lm.checkpoint``)::
@@ -41,10 +43,12 @@ Public API (all importable from ``int_lm.checkpoint``)::
     python -m int_lm.checkpoint list RUN_DIR
 
 Note: ``int_lm.checkpoint.resume`` is the function :func:`resume`; import the
-module's other names with ``from int_lm.checkpoint.resume import ...``.
+module's other names with ``from int_lm.checkpoint.lock import LOCK_FILE, RunDirBusy, RunDirLock, lock_run_dir  # noqa: F401
+from int_lm.checkpoint.resume import ...``.
 """
 from int_lm.checkpoint.arrays import OPT_DTYPES, CheckpointError, _flat  # noqa: F401
 from int_lm.checkpoint.export import EXPORT_FORMAT, LoadedModel, export_model, load_model  # noqa: F401
+from int_lm.checkpoint.lock import LOCK_FILE, RunDirBusy, RunDirLock, lock_run_dir  # noqa: F401
 from int_lm.checkpoint.resume import (MUTABLE_KEYS, RESUME_LOG, SUPERSEDED, ResumePlan,  # noqa: F401
                                       check_compatible, explicit_values, mark_tensorboard_restart,
                                       plan_resume, record_resume, resume, supersede_newer)
