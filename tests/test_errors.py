@@ -327,7 +327,7 @@ def test_tensorboard_on_a_full_disk(base, tmp_path):
 def test_run_files_on_a_full_disk(base, tmp_path):
     """A write outside the checkpoint and TensorBoard code (metadata.json) on a full disk: one line."""
     run_dir = tmp_path / "run"
-    _tmpfs(run_dir, "4k")          # room for config.toml only
+    _tmpfs(run_dir, "8k")          # room for .lock and config.toml only
     try:
         p, _ = run(base, Case("train.py", [*TINY, "--data.cache_dir", base["cache"], "--train.run_dir", str(run_dir),
                                            "--train.steps", "2"], []))

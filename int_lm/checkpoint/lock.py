@@ -66,6 +66,9 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
         os.close(fd)
         raise RunDirBusy(f"another trainer (process {holder}) is training in {run_dir}; wait for it to end "
                          f"(or stop it: it saves a checkpoint and exits), or choose another --train.run_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    try:                                            # who holds it, for the next one's message
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:                                 # a full disk: the lock holds all the same
+        pass
     return RunDirLock(fd, path)
