@@ -38,11 +38,12 @@ class ModelShape:
     layers: int
     boundary_token: int = 0
     tie_head: bool = False      # the head reads the embedding table (there is no "head" parameter)
+    head_init_std: float = 16.0  # only init_params reads it: the spec's 16, or smaller (docs/training.md)
 
     @classmethod
     def from_config(cls, model_cfg) -> "ModelShape":
         return cls(model_cfg.vocab_size, model_cfg.width, model_cfg.layers, model_cfg.boundary_token,
-                   model_cfg.tie_head)
+                   model_cfg.tie_head, model_cfg.head_init_std)
 
 
 def param_shapes(shape: ModelShape) -> dict:
@@ -106,13 +107,15 @@ def init_params(shape: ModelShape, seed: int) -> dict:
     """Seeded init per the spec: matrices round(16 N(0,1)) clipped, norms 16, biases 0.
 
     Drawn on the host with NumPy's PCG64 in a fixed order, so the same seed gives
-    the same int8 weights on every machine and backend.
+    the same int8 weights on every machine and backend. The untied head is
+    round(shape.head_init_std N(0,1)) from the same draws (16: the spec's); a head
+    that starts small has less random preference to unlearn (docs/training.md).
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1E66]))
     shapes = param_shapes(shape)
 
-    def gaussian(s):
-        return np.clip(np.rint(16.0 * rng.standard_normal(s)), -127, 127).astype(np.int8)
+    def gaussian(s, std=16.0):
+        return np.clip(np.rint(std * rng.standard_normal(s)), -127, 127).astype(np.int8)
 
     layers = {}
     for name in ("ln1", "ln2"):
@@ -127,7 +130,7 @@ def init_params(shape: ModelShape, seed: int) -> dict:
         "ln_out": np.full(shapes["ln_out"], intmath.ONE, np.int8),
     }
     if "head" in shapes:   # drawn last, so a tied model's other weights are the untied model's
-        params["head"] = gaussian(shapes["head"])
+        params["head"] = gaussian(shapes["head"], float(shape.head_init_std))
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
