@@ -33,7 +33,6 @@ from int_lm import config
 from int_lm import distributed
 from int_lm import generate
 from int_lm import model
-from int_lm.errors import UserError
 from int_lm.logging import NullTracker, TensorBoardTracker, TolerantTracker
 
 
@@ -139,8 +138,7 @@ def build_run(cfg: config.Config, *, tracker=None, progress: bool | None = None,
         if main:
             checkpoint.atomic_write(run_dir / "config.toml", config.to_toml(cfg))
     except OSError as err:
-        raise UserError(f"cannot write the run directory {run_dir} ({err.strerror}); "
-                        f"choose a writable --train.run_dir") from None
+        raise checkpoint.unwritable_run_dir(run_dir, err) from None
     meta = run_metadata(cfg, tokenizer, corpus, shape)
     if main:
         checkpoint.atomic_write(run_dir / "metadata.json", json.dumps(meta, indent=2))

@@ -43,12 +43,11 @@ Public API (all importable from ``int_lm.checkpoint``)::
     python -m int_lm.checkpoint list RUN_DIR
 
 Note: ``int_lm.checkpoint.resume`` is the function :func:`resume`; import the
-module's other names with ``from int_lm.checkpoint.lock import LOCK_FILE, RunDirBusy, RunDirLock, lock_run_dir  # noqa: F401
-from int_lm.checkpoint.resume import ...``.
+module's other names with ``from int_lm.checkpoint.resume import ...``.
 """
 from int_lm.checkpoint.arrays import OPT_DTYPES, CheckpointError, _flat  # noqa: F401
 from int_lm.checkpoint.export import EXPORT_FORMAT, LoadedModel, export_model, load_model  # noqa: F401
-from int_lm.checkpoint.lock import LOCK_FILE, RunDirBusy, RunDirLock, lock_run_dir  # noqa: F401
+from int_lm.checkpoint.lock import LOCK_FILE, RunDirBusy, RunDirLock, lock_run_dir, unwritable_run_dir  # noqa: F401
 from int_lm.checkpoint.resume import (MUTABLE_KEYS, RESUME_LOG, SUPERSEDED, ResumePlan,  # noqa: F401
                                       check_compatible, explicit_values, mark_tensorboard_restart,
                                       plan_resume, record_resume, resume, supersede_newer)

@@ -22,11 +22,16 @@ class RunDirBusy(UserError):
     """Another live process holds the run directory's lock."""
 
 
+def unwritable_run_dir(run_dir, err: OSError) -> UserError:
+    """The one message for a run directory that cannot be created or written."""
+    return UserError(f"cannot write the run directory {run_dir} ({err.strerror}); choose a writable --train.run_dir")
+
+
 class RunDirLock:
     """The held lock (a context manager; :meth:`release` also runs when the object is collected)."""
 
-    def __init__(self, fd: int | None, path: Path):
-        self.fd, self.path = fd, path
+    def __init__(self, fd: int | None):
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -46,7 +51,7 @@ class RunDirLock:
 
 def lock_run_dir(run_dir: str | Path) -> RunDirLock:
     """Take ``run_dir``'s lock (creating the directory), or raise :class:`RunDirBusy` naming the holder."""
-    import fcntl
+    import fcntl   # POSIX only: imported here so the package imports everywhere
 
     run_dir = Path(run_dir)
     path = run_dir / LOCK_FILE
@@ -54,14 +59,13 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise UserError(f"cannot write the run directory {run_dir} ({err.strerror}); "
-                        f"choose a writable --train.run_dir") from None
+        raise unwritable_run_dir(run_dir, err) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             os.close(fd)                           # no locks on this file system: go on unlocked
-            return RunDirLock(None, path)
+            return RunDirLock(None)
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
         raise RunDirBusy(f"another trainer (process {holder}) is training in {run_dir}; wait for it to end "
@@ -71,4 +75,4 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     except OSError:                                 # a full disk: the lock holds all the same
         pass
-    return RunDirLock(fd, path)
+    return RunDirLock(fd)
