@@ -49,6 +49,8 @@ class ModelConfig:
     head_init_std: float = setting(16.0, "standard deviation of the untied head's initial weights, round(std N(0,1)) "
                                          "clipped, in [0, 64]; 16 is the spec's, like every matrix (4 learns faster "
                                          "under ES on 2 cores: docs/training.md)")
+    embed_init_std: float = setting(16.0, "standard deviation of the embedding table's initial weights (the tied "
+                                          "head's too), round(std N(0,1)) clipped, in [0, 64]; 16 is the spec's")
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,7 @@ def validate(cfg: Config) -> Config:
 
     need(m.layers >= 1, f"model.layers must be >= 1, got {m.layers}")
     need(0 <= m.head_init_std <= 64, f"model.head_init_std must be in [0, 64], got {m.head_init_std}")
+    need(0 <= m.embed_init_std <= 64, f"model.embed_init_std must be in [0, 64], got {m.embed_init_std}")
     need(8 <= m.width <= MAX_WIDTH and m.width % 4 == 0,
          f"model.width must be a multiple of 4 in [8, {MAX_WIDTH}], got {m.width}")
     if m.vocab_size > MAX_VOCAB and d.tokenizer.strip() not in ("bytes", "byte"):

@@ -39,11 +39,12 @@ class ModelShape:
     boundary_token: int = 0
     tie_head: bool = False      # the head reads the embedding table (there is no "head" parameter)
     head_init_std: float = 16.0  # only init_params reads it: the spec's 16, or smaller (docs/training.md)
+    embed_init_std: float = 16.0  # likewise for the embedding table (the tied head too)
 
     @classmethod
     def from_config(cls, model_cfg) -> "ModelShape":
         return cls(model_cfg.vocab_size, model_cfg.width, model_cfg.layers, model_cfg.boundary_token,
-                   model_cfg.tie_head, model_cfg.head_init_std)
+                   model_cfg.tie_head, model_cfg.head_init_std, model_cfg.embed_init_std)
 
 
 def param_shapes(shape: ModelShape) -> dict:
@@ -107,9 +108,10 @@ def init_params(shape: ModelShape, seed: int) -> dict:
     """Seeded init per the spec: matrices round(16 N(0,1)) clipped, norms 16, biases 0.
 
     Drawn on the host with NumPy's PCG64 in a fixed order, so the same seed gives
-    the same int8 weights on every machine and backend. The untied head is
-    round(shape.head_init_std N(0,1)) from the same draws (16: the spec's); a head
-    that starts small has less random preference to unlearn (docs/training.md).
+    the same int8 weights on every machine and backend. The embedding and the untied
+    head are round(s N(0,1)) from the same draws, s = shape.embed_init_std and
+    shape.head_init_std (16: the spec's); tables that start small hold less random
+    preference for ES to unlearn (docs/training.md).
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1E66]))
     shapes = param_shapes(shape)
@@ -125,7 +127,7 @@ def init_params(shape: ModelShape, seed: int) -> dict:
     for name in ("bf", "bh"):
         layers[name] = np.zeros(shapes["layers"][name], np.int8)
     params = {
-        "embed": gaussian(shapes["embed"]),
+        "embed": gaussian(shapes["embed"], float(shape.embed_init_std)),
         "layers": layers,
         "ln_out": np.full(shapes["ln_out"], intmath.ONE, np.int8),
     }

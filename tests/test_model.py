@@ -119,28 +119,30 @@ def test_init_follows_spec_and_is_deterministic():
     np.testing.assert_array_equal(f(p1), f(p2))
 
 
-def test_head_init_std_scales_only_the_head_from_the_same_draws():
-    """model.head_init_std: the head is round(s N(0,1)) from the draws the spec's 16 uses; every other
-    weight is the default's, bit for bit; s = 0 is a zero head; the config refuses s outside [0, 64]."""
+@pytest.mark.parametrize("table", ["head", "embed"])
+def test_init_std_scales_only_its_table_from_the_same_draws(table):
+    """model.head_init_std / model.embed_init_std: the table is round(s N(0,1)) from the draws the spec's
+    16 uses; every other weight is the default's, bit for bit; s = 0 is a zero table; the config refuses
+    s outside [0, 64]."""
+    key = f"{table}_init_std"
     base = M.init_params(M.ModelShape(256, 64, 1), 3)
     for s in (0.0, 4.0, 16.0):
-        p = M.init_params(M.ModelShape(256, 64, 1, head_init_std=s), 3)
-        for path in ("embed", "ln_out"):
+        p = M.init_params(M.ModelShape(256, 64, 1, **{key: s}), 3)
+        for path in {"embed", "head", "ln_out"} - {table}:
             np.testing.assert_array_equal(p[path], base[path])
         for name, w in p["layers"].items():
             np.testing.assert_array_equal(w, base["layers"][name])
-        head = np.asarray(p["head"]).astype(np.float64)
+        got = np.asarray(p[table]).astype(np.float64)
         if s == 0:
-            assert (head == 0).all()
+            assert (got == 0).all()
             continue
-        assert abs(head.std() - s) < 0.05 * s and np.abs(head).max() <= 127
-        # Same draws: the default head is round(16 z), this one round(s z), so they agree to the rounding.
-        assert np.abs(head - np.asarray(base["head"]).astype(np.float64) * s / 16).max() <= 0.5 + s / 32
-    np.testing.assert_array_equal(M.init_params(M.ModelShape(256, 64, 1, head_init_std=16.0), 3)["head"],
-                                  base["head"])
+        assert abs(got.std() - s) < 0.05 * s and np.abs(got).max() <= 127
+        # Same draws: the default table is round(16 z), this one round(s z), so they agree to the rounding.
+        assert np.abs(got - np.asarray(base[table]).astype(np.float64) * s / 16).max() <= 0.5 + s / 32
+    np.testing.assert_array_equal(M.init_params(M.ModelShape(256, 64, 1, **{key: 16.0}), 3)[table], base[table])
     from int_lm import config as C
-    with pytest.raises(C.ConfigError, match="model.head_init_std"):
-        C.validate(C.apply_values(C.load_file("tiny"), {"model": {"head_init_std": -1.0}}, "test"))
+    with pytest.raises(C.ConfigError, match=f"model.{key}"):
+        C.validate(C.apply_values(C.load_file("tiny"), {"model": {key: -1.0}}, "test"))
 
 
 def test_forward_has_no_floating_point_anywhere():

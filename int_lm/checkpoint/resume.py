@@ -42,7 +42,7 @@ _DERIVED = frozenset({"model.vocab_size", "model.boundary_token"})
 
 def _why_locked(key: str) -> str:
     section, _, name = key.partition(".")
-    if key == "model.head_init_std":
+    if key in ("model.head_init_std", "model.embed_init_std"):
         return "it only sets the initial weights, which the checkpoint replaces (its value is the run's record)"
     if section == "model":
         return "it changes the model's shape"
