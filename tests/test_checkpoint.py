@@ -174,6 +174,8 @@ def test_sigint_mid_step_then_sigkill_then_resume(env, straight, tmp_path):
     ("es.tokens_per_update", "16", "population"),
     ("es.sigma_shift", "5", "noise"),
     ("train.seed", "1", "noise"),
+    ("model.head_init_std", "4", "initial weights"),
+    ("model.embed_init_std", "4", "initial weights"),
 ])
 def test_resume_refuses_identity_changes(straight, key, value, words):
     section, name = key.split(".")
