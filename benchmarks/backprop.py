@@ -38,9 +38,10 @@ integer model's logits / 16 and states exactly (``tests/test_learning_benchmark.
 init and random int8 weights); without the floors, the function trained here, the logits
 stay within the rounding's reach (same test file).
 
-Initialisation per the spec, literally the integer model's: ``model.init_params(shape,
-seed) / 16`` (matrices round(16 N(0,1)) / 16, i.e. N(0, 1) on a 1/16 grid; norm weights 1,
-biases 0), so both start from the same network.
+Initialisation literally the integer model's: ``model.init_params(shape, seed) / 16``
+(matrices round(16 N(0,1)) / 16, i.e. N(0, 1) on a 1/16 grid; norm weights 1, biases 0;
+the head and embedding at the config's ``model.head_init_std`` / ``model.embed_init_std``,
+standard deviation 4 / 16 = 1/4 in ``configs/tinyshakespeare.toml``), so both start from the same network.
 
 Training and measurement
 ------------------------
@@ -114,7 +115,7 @@ def to_int(params):
 
 
 def init_params(shape: model.ModelShape, seed: int):
-    """The spec's initialisation, literally the integer model's divided by 16."""
+    """The integer model's initialisation (the config's, see the module docstring) divided by 16."""
     return from_int(model.init_params(shape, seed))
 
 
