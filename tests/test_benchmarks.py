@@ -37,13 +37,15 @@ def test_throughput_text_output_names_the_cpu():
     assert "  CPU: " in out.stdout and "train/infer" in out.stdout, out.stdout
 
 
-def test_forward_overhead_benchmark_runs():
+def test_forward_overhead_benchmark_runs_and_checks_the_layer_major_forward():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "forward_overhead.py"), "--layers", "1", "--width", "16",
-         "--members", "4", "--tokens", "3", "--repeats", "1"], capture_output=True, text=True, timeout=300,
+        [sys.executable, str(ROOT / "benchmarks" / "forward_overhead.py"), "--layers", "2", "--width", "16",
+         "--members", "4", "--tokens", "5", "--repeats", "1"], capture_output=True, text=True, timeout=300,
         check=True)
+    # it exits with an error unless the layer-major forward equals model.forward bit for bit
+    assert "layer-major forward: bit-identical" in out.stdout, out.stdout
     for name in ("inference", "perturbed (all)", "vector params only", "matrix factors only",
-                 "head only (shared trunk)"):
+                 "head only (shared trunk)", "layer-major inference", "layer-major perturbed"):
         assert name in out.stdout, out.stdout
 
 
