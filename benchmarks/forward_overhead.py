@@ -33,8 +33,8 @@ from int_lm import model
 def forward_layer_major(params, states, inputs, targets, boundary_token: int, factors=None, shift: int = 0):
     """``model.forward`` computed layer by layer: (ll (B, T), final states (L, B, D)), the same integers.
 
-    Per layer, the time loop runs only what needs the state (``Uf`` and ``Uh`` with the
-    gate); the embedding, layer norms, ``Wf`` / ``Wh``, the MLP, the head and the
+    Per layer, the time loop runs only what needs the state (``model.gru_update``: ``Uf`` and
+    ``Uh`` with the gate); the embedding, layer norms, ``Wf`` / ``Wh``, the MLP, the head and the
     log-likelihood run once over all T x B rows (``jax.vmap`` over time of the model's own
     per-token functions, so every op is the model's). Integer sums do not depend on their
     order, so the result equals the token loop's exactly. Not used in training: on the CPU
@@ -67,12 +67,7 @@ def forward_layer_major(params, states, inputs, targets, boundary_token: int, fa
         def recur(s, step_in, layer=layer):
             xf_t, xh_t, reset = step_in
             s = jnp.where(reset, jnp.zeros_like(s), s)
-            uf, uh = backend.keep_int8_in_loop((fac("Uf"), fac("Uh")), reset)
-            f = intmath.sat_add(xf_t, model.matmul(s, lp["Uf"][layer], uf, shift), lp["bf"][layer])
-            g = f.astype(jnp.int32) + intmath.INT8_MAX
-            gated_s = intmath.sat8((g * s.astype(jnp.int32)) >> 8)
-            hc = intmath.sat_add(xh_t, model.matmul(gated_s, lp["Uh"][layer], uh, shift), lp["bh"][layer])
-            h = intmath.gate_mix(g, s, hc)
+            h = model.gru_update(xf_t, xh_t, s, lp, layer, backend.keep_int8_in_loop(layer_factors, reset), shift)
             return h, h
 
         final, h = jax.lax.scan(recur, states[layer], (xf, xh, resets))
@@ -104,11 +99,17 @@ def main(argv=None) -> dict:
     member_params, factors = eggroll.member_model_inputs(spec, params, noise)
     shift = spec.matrix_shift
 
+    def token_loop(p, f, s, x):
+        return model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)
+
+    def layer_major(p, f, s, x):
+        return forward_layer_major(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)
+
     def fwd(p, f, s, x):
-        return model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)[0]
+        return token_loop(p, f, s, x)[0]
 
     def fwd_layer_major(p, f, s, x):
-        return forward_layer_major(p, s, x[:, :-1], x[:, 1:], shape.boundary_token, f, shift)[0]
+        return layer_major(p, f, s, x)[0]
 
     def head_only(p, f, s, x):   # s: trunk outputs after ln_out (T, B, D), shared by every head-only member
         def body(total, xs):
@@ -128,12 +129,7 @@ def main(argv=None) -> dict:
         "layer-major perturbed": (fwd_layer_major, member_params, factors, states),
     }
     for p, f in ((params, None), (member_params, factors)):   # the same integers, or the timing means nothing
-        token_loop = jax.jit(lambda p, f, s, x: model.forward(p, s, x[:, :-1], x[:, 1:], shape.boundary_token,
-                                                               f, shift))(p, f, states, tokens)
-        layer_major = jax.jit(lambda p, f, s, x: forward_layer_major(p, s, x[:, :-1], x[:, 1:],
-                                                                     shape.boundary_token, f, shift))(
-            p, f, states, tokens)
-        for a, c in zip(token_loop, layer_major):
+        for a, c in zip(jax.jit(token_loop)(p, f, states, tokens), jax.jit(layer_major)(p, f, states, tokens)):
             if not np.array_equal(np.asarray(a), np.asarray(c)):
                 raise SystemExit("error: the layer-major forward differs from model.forward")
     print("layer-major forward: bit-identical to model.forward (log-likelihoods and final states, "

@@ -248,13 +248,18 @@ def gru_cell(x, s, lp, layer, factors, shift):
     """minGRU variant with identity 'sigmoid' and 'tanh' (saturation only)."""
     wf, wh = _layer_factor(factors, "Wf", layer), _layer_factor(factors, "Wh", layer)
     x_dots_f, x_dots_h = backend.wf_wh_dots(x, factors, layer, lowrank_dots)  # None: each matmul takes its own
-    f = intmath.sat_add(matmul(x, lp["Wf"][layer], wf, shift, x_dots_f),
-                        matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
+    return gru_update(matmul(x, lp["Wf"][layer], wf, shift, x_dots_f),
+                      matmul(x, lp["Wh"][layer], wh, shift, x_dots_h), s, lp, layer, factors, shift)
+
+
+def gru_update(xf, xh, s, lp, layer, factors, shift):
+    """The part of :func:`gru_cell` that needs the state: from the input's products ``xf = x Wf``
+    and ``xh = x Wh`` (int8, as ``matmul`` returns them) and the state s to the new state."""
+    f = intmath.sat_add(xf, matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
                         lp["bf"][layer])
     g = f.astype(jnp.int32) + intmath.INT8_MAX  # [0, 254]: g / 256 in [0, 1)
     gated_s = intmath.sat8((g * s.astype(jnp.int32)) >> 8)
-    hc = intmath.sat_add(matmul(x, lp["Wh"][layer], wh, shift, x_dots_h),
-                         matmul(gated_s, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
+    hc = intmath.sat_add(xh, matmul(gated_s, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
                          lp["bh"][layer])
     return intmath.gate_mix(g, s, hc)
 
