@@ -32,15 +32,25 @@ from int_lm import backend, config, eggroll, model  # noqa: E402
 # ---------------------------------------------------------------------------
 
 def parse_config(parser: argparse.ArgumentParser, argv, defaults: dict):
-    """``--section.key value`` overrides on top of ``defaults`` on top of the built-in config.
+    """The built-in config <- the benchmark's ``defaults`` <- ``--config FILE`` <- ``--section.key value``.
 
-    Returns (validated Config, the parser's own args, the override values as given).
+    ``--config`` takes train.py's files (``configs/tinyshakespeare.toml``, or a name from
+    ``configs/``), so a benchmark measures the settings a run uses. Returns (validated
+    Config, the parser's own args with ``args.config``, the override values as given).
     """
-    values, rest = config.parse_overrides(sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(rest)
-    cfg = config.apply_values(config.apply_values(config.Config(), defaults, "benchmark defaults"), values,
-                              "the command line")
-    return config.validate(cfg), args, values
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a TOML config (train.py's; a path or a name from configs/) applied "
+                             "over this benchmark's defaults, before --section.key overrides")
+    try:
+        values, rest = config.parse_overrides(sys.argv[1:] if argv is None else list(argv))
+        args = parser.parse_args(rest)
+        cfg = config.apply_values(config.Config(), defaults, "benchmark defaults")
+        if args.config:
+            cfg = config.load_file(args.config, cfg)
+        cfg = config.validate(config.apply_values(cfg, values, "the command line"))
+    except config.ConfigError as err:   # a bad key, value or file: one usage line, exit 2
+        parser.error(str(err))
+    return cfg, args, values
 
 
 def make_spec(cfg) -> eggroll.EggrollSpec:

@@ -3,6 +3,7 @@
 
     python benchmarks/devices.py                              # CPU: 1, 2, 4 virtual devices
     python benchmarks/devices.py --devices 1,2,4,8 --es.population 2048 --json
+    python benchmarks/devices.py --config configs/tinyshakespeare.toml --devices 1,2
     python benchmarks/devices.py --devices 1 --platform gpu   # the real accelerators of this machine
 
 Each device count runs in its own process (the CPU device count is fixed when
@@ -98,6 +99,8 @@ def main(argv=None) -> list[dict]:
         elif args.platform == "gpu":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(k)))
         overrides = [f"--{s}.{key}={v}" for s, kv in values.items() for key, v in kv.items()]
+        if args.config:
+            overrides = ["--config", args.config, *overrides]
         proc = subprocess.run([sys.executable, __file__, "--worker", "--repeats", str(args.repeats), *overrides],
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -3,6 +3,7 @@
 
     python benchmarks/profile_step.py                         # 6 x 256, N = 1024, T = 20
     python benchmarks/profile_step.py --es.tokens_per_update 2 --top 30   # the per-step fixed costs
+    python benchmarks/profile_step.py --config configs/default.toml      # the CPU default's step
 
 Traces one call of pure inference and one call of the EGGROLL votes (noise,
 perturbed forward, fitness, vote) with ``jax.profiler``, after compiling both,

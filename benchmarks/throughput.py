@@ -3,6 +3,7 @@
 
     python benchmarks/throughput.py                           # 6 x 256, N = 1024, T = 100
     python benchmarks/throughput.py --es.population 4096 --model.width 128 --json
+    python benchmarks/throughput.py --config configs/tinyshakespeare.toml   # a run's own settings
     python benchmarks/throughput.py --naive --model.width 64 --es.population 64
     python benchmarks/throughput.py --roofline --repeats 3   # + GEMM rates, fractions, per-part breakdown
 
@@ -215,6 +216,7 @@ def main(argv=None) -> dict:
         "model": {"layers": shape.layers, "width": shape.width, "vocab": shape.vocab_size,
                   "params": model.param_count(shape)},
         "population": n, "tokens_per_update": t, "rank": spec.rank, "chunk_size": spec.chunk,
+        "optimizer": cfg.es.optimizer, "fitness_levels": cfg.es.fitness_levels,
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
         "cpu": backend.cpu_flags(),
         "infer_tokens_per_s": pop_tokens / infer_s,
@@ -257,7 +259,8 @@ def main(argv=None) -> dict:
 def print_text(result: dict, spec: eggroll.EggrollSpec, n: int, t: int, args) -> None:
     shape, chunk, train_s = spec.shape, spec.chunk, result["step_s"]
     print(f"model {shape.layers} x {shape.width}, V={shape.vocab_size}, population {n}, T={t}, "
-          f"rank {spec.rank}, chunk {spec.chunk} on {result['backend']} ({result['device']})")
+          f"rank {spec.rank}, chunk {spec.chunk}, {result['optimizer']} rule ({result['fitness_levels']} fitness "
+          f"levels) on {result['backend']} ({result['device']})")
     print(f"  CPU: {backend.describe_cpu(result['cpu'])}")
     print(f"  inference    {result['infer_tokens_per_s']:>12,.0f} population-tokens/s "
           f"(chunks of {chunk}; all {n} in one batch: {result['infer_one_batch_tokens_per_s']:,.0f})")

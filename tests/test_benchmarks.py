@@ -37,6 +37,24 @@ def test_throughput_text_output_names_the_cpu():
     assert "  CPU: " in out.stdout and "train/infer" in out.stdout, out.stdout
 
 
+def test_throughput_takes_a_config_file_under_the_command_line(tmp_path):
+    # --config applies train.py's TOML over the benchmark's defaults; --section.key still wins
+    cfg = tmp_path / "mine.toml"
+    cfg.write_text('[model]\nlayers = 1\nwidth = 16\nvocab_size = 32\n\n[es]\npopulation = 8\n'
+                   'tokens_per_update = 3\noptimizer = "sign"\nfitness_levels = 1\n')
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", str(cfg), "--es.population", "4",
+         "--repeats", "0", "--json"], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["model"]["width"] == 16 and result["tokens_per_update"] == 3, result
+    assert result["optimizer"] == "sign" and result["fitness_levels"] == 1, result
+    assert result["population"] == 4, result          # the command line over the file
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", str(tmp_path / "nope.toml")],
+        capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr, missing.stderr
+
+
 def test_forward_overhead_benchmark_runs_and_checks_the_layer_major_forward():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "forward_overhead.py"), "--layers", "2", "--width", "16",
