@@ -53,7 +53,7 @@ def forward_layer_major(params, states, inputs, targets, boundary_token: int, fa
     finals = []
     for layer in range(n_layers):
         def fac(name, layer=layer):
-            return model._layer_factor(layer_factors, name, layer)
+            return model.layer_factor(layer_factors, name, layer)
 
         def mm(name, u, layer=layer):
             return over_time(lambda v: model.matmul(v, lp[name][layer], fac(name), shift))(u)

@@ -10,8 +10,8 @@ while a checkpoint save is in flight (an orbax ``*tmp*`` directory exists,
 ``train.steps`` is set so that A ends after ``--minutes`` in all.
 Run B (reference) trains alongside, never interrupted, up to A's final step
 (then stopped with Ctrl-C; its checkpoint at that step was written before).
-Every checkpoint both runs hold is compared array by array (weights, recurrent
-states, data cursor), the exported safetensors of the final step are compared,
+Every checkpoint both runs hold is compared array by array (weights, the update
+rule's state, recurrent states, data cursor), the exported safetensors of the final step are compared,
 and the logged train/update metrics are compared step by step. Prints one JSON
 summary line at the end (also written to OUT/summary.json).
 """
@@ -71,7 +71,7 @@ def kill(proc: subprocess.Popen) -> None:
 
 def state_of(run_dir: Path, step: int) -> dict:
     r = checkpoint.restore(run_dir, step)
-    flat = checkpoint._flat({"params": r.params})
+    flat = checkpoint.flatten({"params": r.params, "opt": r.opt_state})   # weights and the rule's state
     flat["states"] = r.states
     return {"cursor": r.cursor, "seed": r.seed, "arrays": flat}
 

@@ -237,7 +237,8 @@ def embed(table, tokens, factor=None, shift: int = 0):
 # Forward pass
 # ---------------------------------------------------------------------------
 
-def _layer_factor(factors, name, layer):
+def layer_factor(factors, name, layer):
+    """Matrix ``name``'s low-rank factors (A, B) at ``layer``, or None where it is not perturbed."""
     if factors is None or name not in factors:
         return None
     a, b = factors[name]
@@ -246,7 +247,7 @@ def _layer_factor(factors, name, layer):
 
 def gru_cell(x, s, lp, layer, factors, shift):
     """minGRU variant with identity 'sigmoid' and 'tanh' (saturation only)."""
-    wf, wh = _layer_factor(factors, "Wf", layer), _layer_factor(factors, "Wh", layer)
+    wf, wh = layer_factor(factors, "Wf", layer), layer_factor(factors, "Wh", layer)
     x_dots_f, x_dots_h = backend.wf_wh_dots(x, factors, layer, lowrank_dots)  # None: each matmul takes its own
     return gru_update(matmul(x, lp["Wf"][layer], wf, shift, x_dots_f),
                       matmul(x, lp["Wh"][layer], wh, shift, x_dots_h), s, lp, layer, factors, shift)
@@ -255,11 +256,11 @@ def gru_cell(x, s, lp, layer, factors, shift):
 def gru_update(xf, xh, s, lp, layer, factors, shift):
     """The part of :func:`gru_cell` that needs the state: from the input's products ``xf = x Wf``
     and ``xh = x Wh`` (int8, as ``matmul`` returns them) and the state s to the new state."""
-    f = intmath.sat_add(xf, matmul(s, lp["Uf"][layer], _layer_factor(factors, "Uf", layer), shift),
+    f = intmath.sat_add(xf, matmul(s, lp["Uf"][layer], layer_factor(factors, "Uf", layer), shift),
                         lp["bf"][layer])
     g = f.astype(jnp.int32) + intmath.INT8_MAX  # [0, 254]: g / 256 in [0, 1)
     gated_s = intmath.sat8((g * s.astype(jnp.int32)) >> 8)
-    hc = intmath.sat_add(xh, matmul(gated_s, lp["Uh"][layer], _layer_factor(factors, "Uh", layer), shift),
+    hc = intmath.sat_add(xh, matmul(gated_s, lp["Uh"][layer], layer_factor(factors, "Uh", layer), shift),
                          lp["bh"][layer])
     return intmath.gate_mix(g, s, hc)
 
@@ -269,9 +270,9 @@ def block(x, s, lp, layer, factors, shift):
     h = gru_cell(backend.materialize(intmath.layer_norm(x, lp["ln1"][layer])), s, lp, layer, factors, shift)
     x = backend.materialize(intmath.sat_add(x, h))
     up = matmul(backend.materialize(intmath.layer_norm(x, lp["ln2"][layer])), lp["up"][layer],
-                _layer_factor(factors, "up", layer), shift)
+                layer_factor(factors, "up", layer), shift)
     x = backend.materialize(intmath.sat_add(x, matmul(up, lp["down"][layer],
-                                                      _layer_factor(factors, "down", layer), shift)))
+                                                      layer_factor(factors, "down", layer), shift)))
     return x, h
 
 

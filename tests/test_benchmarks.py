@@ -1,4 +1,5 @@
 """Smoke test of the throughput harness at a tiny size (timings are never asserted)."""
+import argparse
 import json
 import subprocess
 import sys
@@ -29,30 +30,35 @@ def test_throughput_harness_runs_and_reports_json():
         assert wall > 0 and cpu >= 0, part
 
 
-def test_throughput_text_output_names_the_cpu():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model.layers", "1", "--model.width", "16",
-         "--model.vocab_size", "32", "--es.population", "8", "--es.tokens_per_update", "2", "--repeats", "0"],
-        capture_output=True, text=True, timeout=300, check=True)
-    assert "  CPU: " in out.stdout and "train/infer" in out.stdout, out.stdout
-
-
-def test_throughput_takes_a_config_file_under_the_command_line(tmp_path):
+def test_throughput_text_output_names_the_cpu_and_takes_a_config_file(tmp_path):
     # --config applies train.py's TOML over the benchmark's defaults; --section.key still wins
     cfg = tmp_path / "mine.toml"
     cfg.write_text('[model]\nlayers = 1\nwidth = 16\nvocab_size = 32\n\n[es]\npopulation = 8\n'
-                   'tokens_per_update = 3\noptimizer = "sign"\nfitness_levels = 1\n')
+                   'tokens_per_update = 2\noptimizer = "sign"\nfitness_levels = 1\n')
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", str(cfg), "--es.population", "4",
-         "--repeats", "0", "--json"], capture_output=True, text=True, timeout=300, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["model"]["width"] == 16 and result["tokens_per_update"] == 3, result
-    assert result["optimizer"] == "sign" and result["fitness_levels"] == 1, result
-    assert result["population"] == 4, result          # the command line over the file
-    missing = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", str(tmp_path / "nope.toml")],
-        capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and "does not exist" in missing.stderr, missing.stderr
+         "--repeats", "0"], capture_output=True, text=True, timeout=300, check=True)
+    assert "  CPU: " in out.stdout and "train/infer" in out.stdout, out.stdout
+    assert "model 1 x 16, V=32, population 4, T=2," in out.stdout, out.stdout    # the command line over the file
+    assert "sign rule (1 fitness levels)" in out.stdout, out.stdout
+
+
+def test_benchmark_config_errors_are_one_usage_line(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for argv, words in ((["--config", "no_such_config"], "does not exist"),
+                        (["--model.widht", "3"], "did you mean model.width")):
+        with pytest.raises(SystemExit) as exit_:
+            common.parse_config(argparse.ArgumentParser(prog="bench"), argv, {})
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "bench: error: " in err and words in err and "Traceback" not in err, err
+    cfg, args, _ = common.parse_config(argparse.ArgumentParser(), ["--config", "tiny", "--es.population", "6"],
+                                       {"model": {"width": 48}})
+    assert (cfg.model.width, cfg.es.population, args.config) == (32, 6, "tiny")   # defaults < file < command line
 
 
 def test_forward_overhead_benchmark_runs_and_checks_the_layer_major_forward():

@@ -71,7 +71,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout=300)
 
 def final_state(run_dir, step=None) -> dict:
     r = CK.restore(run_dir, step)
-    flat = CK._flat({"params": r.params})
+    flat = CK.flatten({"params": r.params})
     flat["states"] = r.states
     return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": flat}
 
@@ -336,7 +336,7 @@ def test_checkpoint_records_no_device_placement(straight):
     assert values and all(v["value_type"] == "np.ndarray" for v in values)
     assert "sharding" not in json.dumps(tree).lower()
     r = CK.restore(straight)
-    assert all(type(a) is np.ndarray for a in CK._flat({"p": r.params, "s": r.states}).values())
+    assert all(type(a) is np.ndarray for a in CK.flatten({"p": r.params, "s": r.states}).values())
 
 
 class _FakeState:
@@ -429,8 +429,8 @@ def test_export_reproduces_validation_bpb_through_numpy_reference(env, straight,
     assert from_file.config == from_run.config
     assert from_file.metadata["tokenizer"] == from_run.metadata["tokenizer"]
     assert from_file.metadata["corpus"]["fingerprint"] == from_run.metadata["corpus"]["fingerprint"]
-    for k, v in CK._flat(from_run.params).items():
-        np.testing.assert_array_equal(CK._flat(from_file.params)[k], v)
+    for k, v in CK.flatten(from_run.params).items():
+        np.testing.assert_array_equal(CK.flatten(from_file.params)[k], v)
         np.testing.assert_array_equal(arrays[k], v)
 
     logged_val = [json.loads(l) for l in (straight / "history.jsonl").read_text().splitlines()][-1]

@@ -98,7 +98,7 @@ def kill_during_save(proc: subprocess.Popen, run_dir: Path, after_step: int, del
 
 def state(run_dir, step=None) -> dict:
     r = CK.restore(run_dir, step)
-    flat = CK._flat({"params": r.params})
+    flat = CK.flatten({"params": r.params})
     flat["states"] = r.states
     return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": flat}
 

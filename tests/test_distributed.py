@@ -109,11 +109,11 @@ def assert_same_state(run: Path, ref: Path, step: int) -> None:
     assert a.cursor == b.cursor
     np.testing.assert_array_equal(a.states, b.states)
     assert a.states.tobytes() == b.states.tobytes()
-    for k in CK._flat(b.params):
-        assert CK._flat(a.params)[k].tobytes() == CK._flat(b.params)[k].tobytes(), k
-    assert set(CK._flat(a.opt_state)) == set(CK._flat(b.opt_state))
-    for k in CK._flat(b.opt_state):   # the update rule's state (momentum rule: int32 momentum, int16 master)
-        assert CK._flat(a.opt_state)[k].tobytes() == CK._flat(b.opt_state)[k].tobytes(), k
+    for k in CK.flatten(b.params):
+        assert CK.flatten(a.params)[k].tobytes() == CK.flatten(b.params)[k].tobytes(), k
+    assert set(CK.flatten(a.opt_state)) == set(CK.flatten(b.opt_state))
+    for k in CK.flatten(b.opt_state):   # the update rule's state (momentum rule: int32 momentum, int16 master)
+        assert CK.flatten(a.opt_state)[k].tobytes() == CK.flatten(b.opt_state)[k].tobytes(), k
 
 
 @pytest.fixture(scope="module")

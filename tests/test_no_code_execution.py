@@ -67,7 +67,7 @@ def test_checkpoint_resume_and_export_load_without_pickle(run_dir, tmp_path, mon
     plan = CK.plan_resume(cfg, {"train": {"run_dir": str(run_dir)}})
     assert plan.step == 2
     m = CK.load_model(out)
-    assert m.kind == "export" and all(a.dtype == np.int8 for a in CK._flat(m.params).values())
+    assert m.kind == "export" and all(a.dtype == np.int8 for a in CK.flatten(m.params).values())
     assert CK.load_model(run_dir).kind == "checkpoint"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from int_lm.checkpoint.arrays import _flat
+from int_lm.checkpoint.arrays import flatten
 from int_lm.checkpoint.export import export_model, load_model
 from int_lm.checkpoint.store import CheckpointError, list_steps, read_meta
 from int_lm.cli import tolerant_output
@@ -33,7 +33,7 @@ def _run(args) -> int:
             model = load_model(args.run_dir, args.step)
             out = export_model(model, args.out)
             print(f"exported step {model.step} of {args.run_dir} to {out} "
-                  f"({sum(v.size for v in _flat(model.params).values()):,} int8 parameters, "
+                  f"({sum(v.size for v in flatten(model.params).values()):,} int8 parameters, "
                   f"{out.stat().st_size:,} bytes)")
         else:
             path = Path(args.run_dir)

@@ -22,13 +22,14 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, corrupt, incompatible); the message says what to do."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict of arrays as ``{dotted name: array}``, names sorted (``"Wf"``, ``"m.Wf"``, ...)."""
     out = {}
     for k in sorted(tree):
         v = tree[k]
         name = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, name + "."))
+            out.update(flatten(v, name + "."))
         else:
             out[name] = v
     return out
@@ -63,9 +64,9 @@ OPT_DTYPES = (np.int8, np.int16, np.int32)
 
 def _flat_state(state) -> dict[str, np.ndarray]:
     """The arrays of a train state as ``{name: host array}``: params.*, states, opt.*."""
-    flat = {"params." + k: _host_array(v, k) for k, v in _flat(dict(state.params)).items()}
+    flat = {"params." + k: _host_array(v, k) for k, v in flatten(dict(state.params)).items()}
     flat["states"] = _host_array(state.states, "states")
-    for k, v in _flat(dict(getattr(state, "opt_state", None) or {})).items():
+    for k, v in flatten(dict(getattr(state, "opt_state", None) or {})).items():
         flat["opt." + k] = _host_array(v, "opt_state." + k, OPT_DTYPES)
     return flat
 
@@ -76,12 +77,12 @@ def _expected_arrays(cfg: config.Config) -> dict[str, tuple[tuple, np.dtype]]:
     from int_lm import model
     from int_lm import optim
     shape = model.ModelShape.from_config(cfg.model)
-    out = {"params." + k: (tuple(v), np.dtype(np.int8)) for k, v in _flat(model.param_shapes(shape)).items()}
+    out = {"params." + k: (tuple(v), np.dtype(np.int8)) for k, v in flatten(model.param_shapes(shape)).items()}
     out["states"] = ((shape.layers, cfg.es.population, shape.width), np.dtype(np.int8))
     params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.int8), model.param_shapes(shape),
                                     is_leaf=lambda x: isinstance(x, tuple))
     opt = jax.eval_shape(optim.make(cfg.es).init, params)
-    for k, v in _flat(dict(opt)).items():
+    for k, v in flatten(dict(opt)).items():
         out["opt." + k] = (tuple(v.shape), np.dtype(v.dtype))
     return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from int_lm import config
-from int_lm.checkpoint.arrays import _check_arrays, _digest, _flat, _param_arrays, _unflat
+from int_lm.checkpoint.arrays import _check_arrays, _digest, flatten, _param_arrays, _unflat
 from int_lm.checkpoint.store import CHECKPOINTS, CheckpointError, atomic_write, list_steps, restore
 from int_lm.errors import UserError
 
@@ -87,7 +87,7 @@ def export_model(src: str | Path | LoadedModel, out_path: str | Path, step: int 
     """
     from safetensors.numpy import save
     model = src if isinstance(src, LoadedModel) else load_model(src, step)
-    flat = {k: np.ascontiguousarray(v) for k, v in _flat(dict(model.params)).items()}
+    flat = {k: np.ascontiguousarray(v) for k, v in flatten(dict(model.params)).items()}
     _check_arrays(flat, _param_arrays(model.config), None, "the model to export", "it is not an int_lm model")
     metadata = {k: v for k, v in model.metadata.items() if k != "step"}
     header = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from int_lm import config
-from int_lm.checkpoint.arrays import (CheckpointError, _check_arrays, _digest, _expected_arrays, _flat,
+from int_lm.checkpoint.arrays import (CheckpointError, _check_arrays, _digest, _expected_arrays, flatten,
                                       _flat_state, _unflat)
 from int_lm.errors import UserError
 
@@ -196,7 +196,7 @@ def restore(run_dir: str | Path, step: int | None = None) -> Restored:
                 state=ocp.args.PyTreeRestore(item=template, restore_args=_unflat(restore_args))))
         finally:
             mngr.close()
-        flat = _flat(dict(out["state"]))
+        flat = flatten(dict(out["state"]))
     except CheckpointError:
         raise
     except Exception as err:  # orbax/tensorstore report truncation in many ways
