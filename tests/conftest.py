@@ -19,6 +19,18 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def import_benchmark(name: str):
+    """``benchmarks/NAME.py`` as a module (the scripts import their ``common`` as a top-level name)."""
+    import importlib
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 TINY_STEPS, TINY_EVERY = 30, 3       # the reference run: 30 steps, a checkpoint every 3, validation every 4
 
 

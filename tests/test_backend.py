@@ -61,7 +61,6 @@ def test_this_machine():
 # The XLA workarounds: an explicit switch, and not a bit of difference
 # ---------------------------------------------------------------------------
 
-import importlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -74,6 +73,7 @@ import pytest  # noqa: E402
 
 from int_lm import eggroll, evaluate, generate, model  # noqa: E402
 from int_lm.errors import UserError  # noqa: E402
+from conftest import import_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,11 +116,7 @@ def test_results_are_bit_identical_with_and_without_the_workarounds():
 def test_the_golden_step_and_forward_digests_hold_without_the_workarounds(tmp_path):
     """benchmarks/gpu_check.py's (a) forward and (b) EGGROLL step (scores, votes, member states, the
     update and its statistics) give the committed CPU digests with the workarounds off as well."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        gpu_check = importlib.import_module("gpu_check")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_check = import_benchmark("gpu_check")
     golden = json.loads((ROOT / "tests" / "golden" / "gpu_check.json").read_text())["digests"]
     with backend.plain_xla(True):
         got = {"a_forward": gpu_check.digest_forward(), "b_step": gpu_check.digest_step()}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import import_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,11 +46,7 @@ def test_throughput_text_output_names_the_cpu_and_takes_a_config_file(tmp_path):
 
 
 def test_benchmark_config_errors_are_one_usage_line(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    common = import_benchmark("common")
     for argv, words in ((["--config", "no_such_config"], "does not exist"),
                         (["--model.widht", "3"], "did you mean model.width")):
         with pytest.raises(SystemExit) as exit_:

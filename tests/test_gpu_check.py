@@ -1,6 +1,5 @@
 """benchmarks/gpu_check.py: the quick mode runs end to end on the CPU, and today's integer
 semantics still give the committed golden digests (timings are never asserted)."""
-import importlib
 import json
 import subprocess
 import sys
@@ -8,17 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import import_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "gpu_check.json"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("gpu_check")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return import_benchmark("gpu_check")
 
 
 def test_digests_match_the_committed_golden_file(gpu_check, tmp_path):
