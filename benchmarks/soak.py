@@ -71,9 +71,7 @@ def kill(proc: subprocess.Popen) -> None:
 
 def state_of(run_dir: Path, step: int) -> dict:
     r = checkpoint.restore(run_dir, step)
-    flat = checkpoint.flatten({"params": r.params, "opt": r.opt_state})   # weights and the rule's state
-    flat["states"] = r.states
-    return {"cursor": r.cursor, "seed": r.seed, "arrays": flat}
+    return {"cursor": r.cursor, "seed": r.seed, "arrays": checkpoint.state_arrays(r)}   # weights, rule, states
 
 
 def same(a: dict, b: dict) -> bool:

@@ -42,12 +42,13 @@ Public API (all importable from ``int_lm.checkpoint``)::
     python -m int_lm.checkpoint export RUN_DIR OUT.safetensors [--step N]
     python -m int_lm.checkpoint list RUN_DIR
     restore(run_dir, step=None) -> Restored         # params, states, opt_state, cursor, seed, config
-    flatten(tree) -> {dotted name: array}           # e.g. to compare two restored states array by array
+    flatten(tree) -> {dotted name: array}           # a nested dict of arrays, flat
+    state_arrays(restored) -> {name: array}         # every array a checkpoint holds (params.*, states, opt.*)
 
 Note: ``int_lm.checkpoint.resume`` is the function :func:`resume`; import the
 module's other names with ``from int_lm.checkpoint.resume import ...``.
 """
-from int_lm.checkpoint.arrays import OPT_DTYPES, CheckpointError, flatten  # noqa: F401
+from int_lm.checkpoint.arrays import OPT_DTYPES, CheckpointError, flatten, state_arrays  # noqa: F401
 from int_lm.checkpoint.export import EXPORT_FORMAT, LoadedModel, export_model, load_model  # noqa: F401
 from int_lm.checkpoint.lock import LOCK_FILE, RunDirBusy, RunDirLock, lock_run_dir, unwritable_run_dir  # noqa: F401
 from int_lm.checkpoint.resume import (MUTABLE_KEYS, RESUME_LOG, SUPERSEDED, ResumePlan,  # noqa: F401

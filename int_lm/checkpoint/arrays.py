@@ -62,8 +62,11 @@ def _host_array(x, name: str, dtypes: tuple = (np.int8,)) -> np.ndarray:
 OPT_DTYPES = (np.int8, np.int16, np.int32)
 
 
-def _flat_state(state) -> dict[str, np.ndarray]:
-    """The arrays of a train state as ``{name: host array}``: params.*, states, opt.*."""
+def state_arrays(state) -> dict[str, np.ndarray]:
+    """The arrays a checkpoint of ``state`` holds, as ``{name: host copy}``: params.*, states, opt.*.
+
+    ``state``: anything with ``params``, ``states`` and (optionally) ``opt_state``: the
+    trainer's state, or what :func:`restore` returns."""
     flat = {"params." + k: _host_array(v, k) for k, v in flatten(dict(state.params)).items()}
     flat["states"] = _host_array(state.states, "states")
     for k, v in flatten(dict(getattr(state, "opt_state", None) or {})).items():

@@ -24,7 +24,7 @@ import numpy as np
 
 from int_lm import config
 from int_lm.checkpoint.arrays import (CheckpointError, _check_arrays, _digest, _expected_arrays, flatten,
-                                      _flat_state, _unflat)
+                                      state_arrays, _unflat)
 from int_lm.errors import UserError
 
 CHECKPOINT_FORMAT = "int_lm-checkpoint-v1"
@@ -375,7 +375,7 @@ class Checkpointer:
                                       f"{self.run_dir / HISTORY} ({_short(err)}); earlier checkpoints are "
                                       f"kept; free disk space (or fix the directory), then run the same "
                                       f"command to resume") from None
-        flat = _flat_state(state)
+        flat = state_arrays(state)
         meta = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
