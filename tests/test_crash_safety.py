@@ -1,12 +1,15 @@
 """Crash safety: SIGKILL at several moments, including in the middle of a checkpoint save,
 never corrupts or removes the last good checkpoint, and the resumed run continues
-bit-exactly (int8 weights, every member's recurrent state, data cursor, logged metrics).
+bit-exactly (int8 weights, every member's recurrent state, the update rule's state, data
+cursor, logged metrics).
 
 A checkpoint save is detected from the outside: orbax writes into
 ``checkpoints/<step>.orbax-checkpoint-tmp-*`` and renames it when complete (40-200 ms
 at the tiny size), so polling every millisecond sees every save in flight, and the
 training process is SIGKILLed then, or a few milliseconds later (files half-written).
-Training goes through the real entry point (``python train.py``) at the tiny size.
+Training goes through the real entry point (``python train.py``) at the tiny size, with
+the update rule users get by default (``configs/default.toml``: the momentum rule, whose
+int32 momentum and int16 master weights are saved beside the int8 weights).
 tests/test_checkpoint.py covers SIGINT, SIGKILL between saves and a full disk; the slow
 test here kills ten times at seeded random moments.
 """
@@ -29,6 +32,7 @@ from int_lm import checkpoint as CK
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
 EVERY = 2
+RULE = ("--es.optimizer", "momentum", "--es.fitness_levels", "3")     # the default's rule, with state
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def args(env, run_dir, *extra) -> list[str]:
     return [sys.executable, "train.py", "--config", "configs/tiny.toml", "--data.max_docs", "40",
             "--data.val_tokens", "512", "--data.cache_dir", env["cache"], "--train.checkpoint_every", str(EVERY),
             "--train.eval_every", "3", "--train.keep_checkpoints", "3", "--train.progress", "false",
-            "--train.run_dir", str(run_dir), *map(str, extra)]
+            "--train.run_dir", str(run_dir), *RULE, *map(str, extra)]
 
 
 def run(env, cmd) -> subprocess.CompletedProcess:
@@ -98,16 +102,17 @@ def kill_during_save(proc: subprocess.Popen, run_dir: Path, after_step: int, del
 
 def state(run_dir, step=None) -> dict:
     r = CK.restore(run_dir, step)
-    flat = CK.flatten({"params": r.params})
-    flat["states"] = r.states
-    return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": flat}
+    return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": CK.state_arrays(r)}
 
 
 def assert_same(a: dict, b: dict) -> None:
     assert (a["step"], a["cursor"], a["seed"]) == (b["step"], b["cursor"], b["seed"])
     assert set(a["arrays"]) == set(b["arrays"])
-    for k in a["arrays"]:
-        assert a["arrays"][k].dtype == np.int8
+    dtypes = {"params": np.int8, "states": np.int8, "opt.momentum": np.int32, "opt.master": np.int16}
+    kinds = {k: next(p for p in dtypes if k == p or k.startswith(p + ".")) for k in a["arrays"]}
+    assert set(kinds.values()) == set(dtypes), sorted(a["arrays"])      # the optimiser state is compared too
+    for k, kind in kinds.items():
+        assert a["arrays"][k].dtype == b["arrays"][k].dtype == dtypes[kind], k
         np.testing.assert_array_equal(a["arrays"][k], b["arrays"][k], err_msg=k)
 
 
