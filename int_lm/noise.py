@@ -80,7 +80,7 @@ def bits_to_int8(bits):
 
     The top bit is the sign; the other 31 pick the magnitude max{m : T[m] <= u}
     (see magnitude_thresholds) through two small tables and one comparison,
-    exactly as a binary search over T would (tests/test_eggroll.py checks that).
+    exactly as a binary search over T would (tests/test_noise.py checks that).
     """
     bucket, tail_start, tail = (jnp.asarray(x) for x in magnitude_tables())
     t = jnp.asarray(magnitude_thresholds())

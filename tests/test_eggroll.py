@@ -1,6 +1,5 @@
-"""EGGROLL: low-rank perturbations vs dense NumPy, votes, noise, thresholds, exact sums."""
-import math
-
+"""EGGROLL: low-rank perturbations vs dense NumPy, votes, thresholds, exact sums (the noise itself:
+tests/test_noise.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 
 from int_lm import eggroll as E
 from int_lm import model as M
-from int_lm import noise as nz
 import reference as ref
 
 
@@ -149,49 +147,6 @@ def test_vote_equals_dense_sum_over_members():
         np.testing.assert_array_equal(np.asarray(z[path]), want)
 
 
-def test_noise_parts_and_layouts_are_one_stream():
-    """A stream drawn whole, in parts (offset) or layers first (pair_axis=1) gives the same values."""
-    pairs = jnp.arange(3, dtype=jnp.int32)
-    whole = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2 * 5 * 6,)))
-    first = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2, 5, 2)))
-    rest = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2, 5, 4), offset=20))
-    np.testing.assert_array_equal(first.reshape(3, -1), whole[:, :20])
-    np.testing.assert_array_equal(rest.reshape(3, -1), whole[:, 20:])
-    layers_first = np.asarray(nz.pair_noise(4, 1, pairs, 7, (2, 5, 4), offset=20, pair_axis=1))
-    assert layers_first.shape == (2, 3, 5, 4)
-    np.testing.assert_array_equal(np.moveaxis(layers_first, 1, 0), rest)
-
-
-def test_noise_is_deterministic_and_counter_based():
-    x1 = np.asarray(nz.pair_noise(1, 2, jnp.arange(4, dtype=jnp.int32), 5, (1000,)))
-    x2 = np.asarray(nz.pair_noise(1, 2, jnp.arange(4, dtype=jnp.int32), 5, (1000,)))
-    np.testing.assert_array_equal(x1, x2)
-    # Pair 2 alone gives the same values as pair 2 inside a batch (no hidden state).
-    x3 = np.asarray(nz.pair_noise(1, 2, jnp.array([2], jnp.int32), 5, (1000,)))
-    np.testing.assert_array_equal(x3[0], x1[2])
-    for other in [(2, 2, 5), (1, 3, 5), (1, 2, 6)]:
-        y = np.asarray(nz.pair_noise(other[0], other[1], jnp.arange(4, dtype=jnp.int32), other[2], (1000,)))
-        assert (y != x1).mean() > 0.9
-    assert nz.magnitude_thresholds().nbytes <= 1024
-
-
-def test_noise_distribution():
-    x = np.asarray(nz.pair_noise(0, 0, jnp.arange(64, dtype=jnp.int32), 0, (32768,))).astype(np.float64).ravel()
-    assert x.dtype == np.float64 and len(x) == 2 ** 21
-    assert abs(x.mean()) < 0.05
-    assert abs(x.std() - 16.0) < 0.05
-    assert np.abs(x).max() <= 127
-    # Symmetric, and each small value has the probability of round(16 N(0,1)).
-    values, counts = np.unique(x, return_counts=True)
-    freq = dict(zip(values.astype(int), counts / len(x)))
-    for v in range(0, 40, 3):
-        p = 0.5 * (math.erf((v + 0.5) / 16 / math.sqrt(2)) - math.erf((v - 0.5) / 16 / math.sqrt(2)))
-        assert abs(freq.get(v, 0) - p) < 6 * math.sqrt(p / len(x)) + 1e-6, v
-        assert abs(freq.get(v, 0) - freq.get(-v, 0)) < 6 * math.sqrt(p / len(x)) + 1e-6
-    # The clipped tail: P(|V| = 127) = P(|16 Z| >= 126.5), ~3e-15: nothing lands there at this size.
-    assert freq.get(127, 0) == 0
-
-
 def test_vote_accumulation_is_exact_up_to_population_2_20():
     """Worst case: 2^19 pairs all voting +127*127 (and mixed signs) in chunks of 2^14 pairs."""
     pairs, chunk_pairs = 2 ** 19, 2 ** 14
@@ -238,18 +193,3 @@ def test_limits_refuse_large_rank_at_large_sigma_shift():
     E.check_limits(E.EggrollSpec(M.ModelShape(256, 64, 1), population=2, rank=16, sigma_shift=12))
 
 
-def test_noise_tables_equal_a_search_over_the_thresholds():
-    """The lookup-table sampler is exactly max{m : T[m] <= u} for every kind of u, tail included."""
-    bucket, tail_start, tail = nz.magnitude_tables()
-    assert bucket.nbytes + tail.nbytes + nz.magnitude_thresholds().nbytes < 2 ** 20  # no table over 1 MiB
-    t = nz.magnitude_thresholds().astype(np.int64)
-    rng = np.random.default_rng(0)
-    u = np.concatenate([
-        rng.integers(0, 2 ** 32, 500_000, dtype=np.uint64),
-        np.arange(tail_start - 1000, 2 ** 31, dtype=np.uint64),            # the whole positive tail
-        np.arange(2 ** 31 + tail_start - 1000, 2 ** 32, dtype=np.uint64),  # and the negative one
-        t[1:].astype(np.uint64), (t[1:] - 1).astype(np.uint64),           # every threshold edge
-    ]).astype(np.uint32)
-    got = np.asarray(jax.jit(nz.bits_to_int8)(jnp.asarray(u)))
-    mag = np.searchsorted(t, (u & 0x7FFFFFFF).astype(np.int64), side="right") - 1
-    np.testing.assert_array_equal(got, np.where(u >> 31, -mag, mag))
