@@ -139,7 +139,7 @@ def test_user_errors_and_safe_text():
 def test_cli_generate_greedy_json(tmp_path):
     """The real entry point on an exported file (no corpus needed for generation)."""
     pytest.importorskip("safetensors")
-    from int_lm import checkpoint as ck
+    from int_lm import checkpoint as CK
     from int_lm import config as C
     from int_lm import data as D
 
@@ -147,8 +147,8 @@ def test_cli_generate_greedy_json(tmp_path):
     shape = M.ModelShape.from_config(cfg.model)
     params = jax.tree_util.tree_map(np.asarray, M.init_params(shape, 2))
     tok = D.make_tokenizer(cfg.data)
-    loaded = ck.LoadedModel(params=params, config=cfg, metadata={"tokenizer": tok.identity()}, step=7)
-    path = ck.export_model(loaded, tmp_path / "m.safetensors")
+    loaded = CK.LoadedModel(params=params, config=cfg, metadata={"tokenizer": tok.identity()}, step=7)
+    path = CK.export_model(loaded, tmp_path / "m.safetensors")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(path), "--generate", "for i in",
                         "--max_new_tokens", "12", "--greedy", "--no_stop", "--json"],
