@@ -31,6 +31,9 @@ from int_lm.errors import UserError
 import reference as ref
 from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, tiny_args
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = TINY_STEPS  # the straight reference run (30 steps); checkpoints every 3 steps, keep 3
 EVERY = TINY_EVERY

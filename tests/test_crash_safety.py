@@ -29,6 +29,9 @@ import pytest
 
 from int_lm import checkpoint as CK
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_crash_safety")
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
 EVERY = 2

@@ -28,6 +28,9 @@ from int_lm import config as C
 from int_lm import distributed as DIST
 from int_lm import eggroll as E
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3          # multi-device runs; the reference and the resumed run go on to STEPS + 1
 TIMEOUT = 600

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_errors")
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config", "configs/tiny.toml", "--data.max_docs", "40", "--data.val_tokens", "512",
         "--train.progress", "false"]

@@ -20,6 +20,9 @@ from int_lm.data.batches import eval_cuts
 from int_lm.errors import UserError
 from reference import Reference
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_eval")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -23,6 +23,9 @@ from int_lm import checkpoint as CK
 from int_lm import config as C
 from int_lm.data import sources as S
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_no_code_execution")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

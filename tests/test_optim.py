@@ -18,15 +18,24 @@ def sign_update(params, votes, thr_m, thr_v):
     return rule.update({}, params, votes, {"threshold_matrix": thr_m, "threshold_vector": thr_v})
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.1, 0.01])
-def test_threshold_moves_about_alpha_under_random_fitness(alpha):
+RANDOM_POPULATION = 512
+
+
+@pytest.fixture(scope="module")
+def random_fitness_votes():
+    """The votes of N = 512 members at 1 x 64 under random +-1 fitness (the null the thresholds assume)."""
     shape = M.ModelShape(64, 64, 1)
-    population = 512
-    spec = E.EggrollSpec(shape, population=population)
-    noise = E.make_noise(spec, 0, 0, jnp.arange(population // 2, dtype=jnp.int32))
-    fitness = jnp.asarray(np.random.default_rng(1).choice([-1, 1], population // 2), jnp.int32)
-    acc = E.accumulate(E.zero_votes(spec), E.vote(noise, fitness))
-    thr_m, thr_v = O.thresholds(alpha, population, 1)
+    spec = E.EggrollSpec(shape, population=RANDOM_POPULATION)
+    fitness = jnp.asarray(np.random.default_rng(1).choice([-1, 1], RANDOM_POPULATION // 2), jnp.int32)
+    votes = jax.jit(lambda f: E.accumulate(E.zero_votes(spec), E.vote(
+        E.make_noise(spec, 0, 0, jnp.arange(RANDOM_POPULATION // 2, dtype=jnp.int32)), f)))
+    return shape, votes(fitness)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.1, 0.01])
+def test_threshold_moves_about_alpha_under_random_fitness(alpha, random_fitness_votes):
+    shape, acc = random_fitness_votes
+    thr_m, thr_v = O.thresholds(alpha, RANDOM_POPULATION, 1)
     params = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p), M.init_params(shape, 0))
     _, _, stats = sign_update(params, acc, thr_m, thr_v)
     frac = int(stats["moved_matrix"]) / stats["count_matrix"]

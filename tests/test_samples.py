@@ -21,6 +21,9 @@ from int_lm import generate as G
 from int_lm import model as M
 from int_lm.trainer import SAMPLE_TAG, train
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_samples")
+
 STEPS, EVERY, NEW = 6, 3, 40
 
 

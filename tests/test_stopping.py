@@ -34,6 +34,9 @@ from int_lm.stopping import SIGNALS
 from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, tiny_args
 from test_checkpoint import assert_same_state, final_state
 
+# Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_stopping")
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = TINY_STEPS   # the straight reference (30 steps); interrupted runs aim at 1000 steps and stop well before
 EVERY = TINY_EVERY   # checkpoints every EVERY steps, keep 3
