@@ -65,6 +65,7 @@ def test_magnitude_table_equals_the_spec():
     (0, 0, 0, [0, 1, 2, 3], 0),
     (1234, 7, 12, [5, 2047, 2 ** 19 - 1], 1000),
     (2 ** 31 - 1, 2 ** 31 - 1, 4, [0, 2 ** 30], 2 ** 32 - 40),    # the last indices of a uint32 stream
+    (2 ** 32 - 1, 3, 1, [1], 5),                                  # the largest train.seed
 ])
 def test_pair_noise_equals_the_spec_value_by_value(seed, epoch, param_id, pairs, offset):
     table = spec_table()
