@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,29 @@ def import_benchmark(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+# Every array a checkpoint holds, by kind: the int8 weights and member states, the momentum rule's state.
+ARRAY_DTYPES = {"params": "int8", "states": "int8", "opt.momentum": "int32", "opt.master": "int16"}
+
+
+def checkpoint_state(run_dir, step=None) -> dict:
+    """A checkpoint as runs are compared: step, cursor, seed and every array it holds (``state_arrays``)."""
+    from int_lm import checkpoint as CK
+    r = CK.restore(run_dir, step)
+    return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": CK.state_arrays(r)}
+
+
+def assert_same_checkpoint(a: dict, b: dict, kinds=("params", "states")) -> None:
+    """Two :func:`checkpoint_state` results are equal bit for bit; their arrays are exactly of ``kinds``
+    (keys of ARRAY_DTYPES, each present), each with its kind's dtype."""
+    assert (a["step"], a["cursor"], a["seed"]) == (b["step"], b["cursor"], b["seed"])
+    assert set(a["arrays"]) == set(b["arrays"])
+    of_kind = {k: next((p for p in kinds if k == p or k.startswith(p + ".")), None) for k in a["arrays"]}
+    assert set(of_kind.values()) == set(kinds), of_kind     # no array of another kind, none missing
+    for k, kind in of_kind.items():
+        assert a["arrays"][k].dtype == b["arrays"][k].dtype == ARRAY_DTYPES[kind], k
+        np.testing.assert_array_equal(a["arrays"][k], b["arrays"][k], err_msg=k)
 
 
 TINY_STEPS, TINY_EVERY = 30, 3       # the reference run: 30 steps, a checkpoint every 3, validation every 4

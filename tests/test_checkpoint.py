@@ -29,7 +29,7 @@ from int_lm import data as D
 from int_lm.errors import UserError
 
 import reference as ref
-from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, tiny_args
+from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, assert_same_checkpoint, checkpoint_state, tiny_args
 
 # Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_checkpoint")
@@ -72,21 +72,6 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout=300)
         time.sleep(0.02)
 
 
-def final_state(run_dir, step=None) -> dict:
-    r = CK.restore(run_dir, step)
-    flat = CK.flatten({"params": r.params})
-    flat["states"] = r.states
-    return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": flat}
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"] and a["cursor"] == b["cursor"] and a["seed"] == b["seed"]
-    assert set(a["arrays"]) == set(b["arrays"])
-    for k in a["arrays"]:
-        assert a["arrays"][k].dtype == np.int8 == b["arrays"][k].dtype, k
-        np.testing.assert_array_equal(a["arrays"][k], b["arrays"][k], err_msg=k)
-
-
 def logged(run_dir) -> list[dict]:
     """Every logged train/update metric per step (val only appears on eval steps; timings vary)."""
     lines = (Path(run_dir) / "history.jsonl").read_text().splitlines()
@@ -118,7 +103,7 @@ def test_stop_and_resume_is_bit_exact(env, straight, tmp_path):
     p = run(train_cmd(run_dir, "--train.steps", STEPS), env)        # saved config wins; steps may change
     assert f"resuming {run_dir} from checkpoint step 14" in p.stdout
     assert "train.steps 14 -> 30" in p.stdout
-    assert_same_state(final_state(straight), final_state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir))
     assert_same_history(straight, run_dir)
     log = [json.loads(l) for l in (run_dir / CK.RESUME_LOG).read_text().splitlines()]
     assert log[-1]["resumed_from_step"] == 14 and log[-1]["changes"] == {"train.steps": [14, 30]}
@@ -154,7 +139,7 @@ def test_sigint_mid_step_then_sigkill_then_resume(env, straight, tmp_path):
     p = run(train_cmd(run_dir, "--train.steps", STEPS), env)
     assert f"from checkpoint step {last}" in p.stdout
     assert not list((run_dir / CK.CHECKPOINTS).glob("*tmp*"))     # a half-written save is not kept
-    assert_same_state(final_state(straight), final_state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir))
     assert_same_history(straight, run_dir)
     log = [json.loads(l)["resumed_from_step"] for l in (run_dir / CK.RESUME_LOG).read_text().splitlines()]
     assert log == [stopped, last]
@@ -277,7 +262,7 @@ def test_corrupt_latest_refused_then_explicit_fallback(env, straight, tmp_path):
     assert f"from checkpoint step {STEPS - EVERY}" in p.stdout
     moved = list((run_dir / CK.SUPERSEDED).glob(f"*/{STEPS}"))
     assert len(moved) == 1                                               # moved aside, not deleted
-    assert_same_state(final_state(straight), final_state(run_dir))        # retrained bit-exactly
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir))        # retrained bit-exactly
     assert_same_history(straight, run_dir)
 
 
@@ -311,7 +296,7 @@ def test_disk_full_during_save_keeps_checkpoints_then_resumes(env, straight, sma
     p = run(train_cmd(run_dir, "--train.steps", STEPS), env)
     assert f"from checkpoint step {kept[-1]}" in p.stdout
     assert not list((run_dir / CK.CHECKPOINTS).glob("*tmp*"))     # the half-written save was cleaned up
-    assert_same_state(final_state(straight), final_state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir))
     assert_same_history(straight, run_dir)
 
 

@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from int_lm import checkpoint as CK
+from conftest import assert_same_checkpoint, checkpoint_state
 
 # Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_crash_safety")
@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
 EVERY = 2
 RULE = ("--es.optimizer", "momentum", "--es.fitness_levels", "3")     # the default's rule, with state
+WITH_STATE = ("params", "states", "opt.momentum", "opt.master")     # the arrays its checkpoints hold
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +102,6 @@ def kill_during_save(proc: subprocess.Popen, run_dir: Path, after_step: int, del
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     return tmp
-
-
-def state(run_dir, step=None) -> dict:
-    r = CK.restore(run_dir, step)
-    return {"step": r.step, "cursor": r.cursor, "seed": r.seed, "arrays": CK.state_arrays(r)}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert (a["step"], a["cursor"], a["seed"]) == (b["step"], b["cursor"], b["seed"])
-    assert set(a["arrays"]) == set(b["arrays"])
-    dtypes = {"params": np.int8, "states": np.int8, "opt.momentum": np.int32, "opt.master": np.int16}
-    kinds = {k: next((p for p in dtypes if k == p or k.startswith(p + ".")), None) for k in a["arrays"]}
-    assert set(kinds.values()) == set(dtypes), kinds      # every array known; the optimiser state compared too
-    for k, kind in kinds.items():
-        assert a["arrays"][k].dtype == b["arrays"][k].dtype == dtypes[kind], k
-        np.testing.assert_array_equal(a["arrays"][k], b["arrays"][k], err_msg=k)
 
 
 def logged(run_dir) -> list[dict]:
@@ -214,7 +199,7 @@ def test_sigkill_during_saves_keeps_the_last_checkpoint_and_resumes_bit_exactly(
     resumed_from.append(last)
     assert f"from checkpoint step {last}" in p.stdout
     assert not saving(run_dir), "a half-written save was left behind"
-    assert_same(state(straight), state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir), WITH_STATE)
     assert logged(run_dir) == logged(straight) and [h["step"] for h in logged(run_dir)] == list(range(1, STEPS + 1))
     log_steps = [json.loads(line)["resumed_from_step"] for line in (run_dir / CK.RESUME_LOG).read_text().splitlines()]
     assert log_steps == resumed_from
@@ -254,7 +239,7 @@ def test_sigkill_at_random_moments(env, tmp_path):
         assert not CK.list_steps(run_dir) or CK.list_steps(run_dir)[-1] < steps, "finished before the kills"
     run(env, args(env, run_dir, "--train.steps", steps))
     assert not saving(run_dir)
-    assert_same(state(straight), state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir), WITH_STATE)
     assert logged(run_dir) == logged(straight) and len(logged(run_dir)) == steps
     assert set(kinds) == {"time", "save", "step"}
 
@@ -276,4 +261,4 @@ def test_old_checkpoints_are_deleted_atomically(straight, tmp_path):
     ck = CK.Checkpointer(run_dir, keep=1, resume_step=steps[-1])
     ck._collect_garbage()
     assert CK.list_steps(run_dir) == steps[-1:] and sorted(os.listdir(root)) == [str(steps[-1])]
-    assert_same(state(straight), state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir), WITH_STATE)

@@ -31,8 +31,8 @@ from int_lm import checkpoint as CK
 from int_lm import config as C
 from int_lm.stopping import SIGNALS
 
-from conftest import DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, tiny_args
-from test_checkpoint import assert_same_state, final_state
+from conftest import (DEFAULT_SIGNALS, TINY_EVERY, TINY_STEPS, assert_same_checkpoint, checkpoint_state,
+                      tiny_args)
 
 # Its tests share costly module fixtures: one worker runs them all (pyproject.toml: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_stopping")
@@ -101,7 +101,7 @@ def assert_stopped_at(run_dir, at_least: int) -> int:
 
 
 def assert_equals_straight(run_dir, straight) -> None:
-    assert_same_state(final_state(straight), final_state(run_dir))
+    assert_same_checkpoint(checkpoint_state(straight), checkpoint_state(run_dir))
     assert history(run_dir) == list(range(1, STEPS + 1))             # each step once
     assert logged(run_dir) == logged(straight)
 
