@@ -3,7 +3,8 @@
 Written from the spec, not from int_lm's JAX code: int64 arithmetic (so it
 cannot overflow and shows what the exact answer is), Python big integers for
 EXP2 and LOG2, per-sequence loops, and dense perturbation matrices A.B^T where
-EGGROLL uses low-rank factors.
+EGGROLL uses low-rank factors; the noise stream in plain Python integers, its
+magnitudes by binary search.
 """
 from __future__ import annotations
 
@@ -121,3 +122,43 @@ class Reference:
             all_logits.append(logits)
             lls.append(log_likelihood(logits, int(tgt)))
         return np.array(lls), np.array(all_logits), np.array(state)
+
+
+# ---------------------------------------------------------------------------
+# Counter-based int8 noise (spec §4.2)
+# ---------------------------------------------------------------------------
+
+MASK = 0xFFFFFFFF
+
+
+def spec_mix32(x: int) -> int:
+    """lowbias32 in Python integers: x ^= x>>16; x *= 0x7FEB352D; x ^= x>>15; x *= 0x846CA68B; x ^= x>>16."""
+    x &= MASK
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK
+    return x ^ (x >> 16)
+
+
+def spec_key(seed: int, epoch: int, pair: int, param_id: int) -> int:
+    k = spec_mix32(seed ^ 0x5EED1234)
+    k = spec_mix32(k ^ epoch)
+    k = spec_mix32(k ^ ((param_id * 0x9E3779B9) & MASK))
+    return spec_mix32(k + pair * 0x85EBCA6B)
+
+
+def spec_table() -> list[int]:
+    """Tm[0] = 0, Tm[m] = min(2^31 - 1, rint(2^31 erf((m - 1/2) / (16 sqrt 2))))."""
+    return [0] + [min(2 ** 31 - 1, round(2 ** 31 * math.erf((m - 0.5) / (16 * math.sqrt(2))))) for m in range(1, 128)]
+
+
+def spec_value(table: list[int], seed: int, epoch: int, pair: int, param_id: int, index: int) -> int:
+    """One noise value: the top bit of the hash is the sign, the low 31 bits pick max{m : Tm[m] <= u}."""
+    bits = spec_mix32(spec_key(seed, epoch, pair, param_id) + index * 0x9E3779B9)
+    u = bits & 0x7FFFFFFF
+    lo, hi = 0, 127                       # binary search: Tm[lo] <= u < Tm[hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if table[mid] <= u else (lo, mid - 1)
+    return -lo if bits >> 31 else lo

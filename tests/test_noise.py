@@ -1,6 +1,6 @@
 """The counter-based int8 noise (int_lm/noise.py) against an independent reference of
 docs/integer-spec.md §4.2: the hash in plain Python integers, the magnitude by a binary
-search over a table built here, the parameter ids and element order of the EGGROLL
+search over a table built from erf (tests/reference.py), the parameter ids and element order of the EGGROLL
 streams; then its distribution, determinism and layouts."""
 import math
 
@@ -12,42 +12,7 @@ import pytest
 from int_lm import eggroll as E
 from int_lm import model as M
 from int_lm import noise as nz
-
-MASK = 0xFFFFFFFF
-
-
-def spec_mix32(x: int) -> int:
-    """lowbias32 in Python integers: x ^= x>>16; x *= 0x7FEB352D; x ^= x>>15; x *= 0x846CA68B; x ^= x>>16."""
-    x &= MASK
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK
-    return x ^ (x >> 16)
-
-
-def spec_key(seed: int, epoch: int, pair: int, param_id: int) -> int:
-    k = spec_mix32(seed ^ 0x5EED1234)
-    k = spec_mix32(k ^ epoch)
-    k = spec_mix32(k ^ ((param_id * 0x9E3779B9) & MASK))
-    return spec_mix32(k + pair * 0x85EBCA6B)
-
-
-def spec_table() -> list[int]:
-    """Tm[0] = 0, Tm[m] = min(2^31 - 1, rint(2^31 erf((m - 1/2) / (16 sqrt 2))))."""
-    return [0] + [min(2 ** 31 - 1, round(2 ** 31 * math.erf((m - 0.5) / (16 * math.sqrt(2))))) for m in range(1, 128)]
-
-
-def spec_value(table: list[int], seed: int, epoch: int, pair: int, param_id: int, index: int) -> int:
-    """One noise value: the top bit of the hash is the sign, the low 31 bits pick max{m : Tm[m] <= u}."""
-    bits = spec_mix32(spec_key(seed, epoch, pair, param_id) + index * 0x9E3779B9)
-    u = bits & 0x7FFFFFFF
-    lo, hi = 0, 127                       # binary search: Tm[lo] <= u < Tm[hi + 1]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if table[mid] <= u else (lo, mid - 1)
-    return -lo if bits >> 31 else lo
-
+from reference import MASK, spec_mix32, spec_table, spec_value
 
 def test_mix32_equals_the_spec_on_edge_and_random_words():
     words = [0, 1, 2 ** 16, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 0x9E3779B9, 0x5EED1234]
